@@ -1,0 +1,177 @@
+"""The embedded default: a tiny Stable-Diffusion-shaped model that needs no download.
+
+Same architecture family as SD 1.5 (CLIP text tower with the real 49,408-token vocabulary, a UNet
+with three cross-attention down blocks, a plain down block, a cross-attention mid block and the mirror
+on the way up, hence the same 7 cross-attention block groups; a KL autoencoder), with few channels and
+32×32 images (16×16×4 latents). It initialises randomly in about a second on a CPU and is written as a
+diffusers-layout folder with :func:`mlmjax.save_pretrained`, so every part of mlmjax runs without
+network access.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageDraw
+
+from mlmjax import pretrained as pretrained_lib
+from mlmjax import tokenizer as tokenizer_lib
+
+RESOLUTION = 32
+
+TEXT_ENCODER_CONFIG = {
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+    "vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 2, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
+    "projection_dim": 32,
+}
+
+UNET_CONFIG = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": RESOLUTION // 2, "in_channels": 4, "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                         "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [16, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 8,
+    "cross_attention_dim": 32, "attention_head_dim": 2, "flip_sin_to_cos": True, "freq_shift": 0,
+}
+
+VAE_CONFIG = {
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": RESOLUTION,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8,
+    "scaling_factor": 0.18215,
+}
+
+# Stable Diffusion 1.x's noise schedule.
+SCHEDULER_CONFIG = {
+    "_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+    "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+    "clip_sample": False, "steps_offset": 1,
+}
+
+
+def tiny_pretrained(seed: int = 0, dtype=jnp.float32) -> pretrained_lib.Pretrained:
+    """The tiny model with random weights; the same seed gives the same weights."""
+    configs = {"text_encoder": TEXT_ENCODER_CONFIG, "unet": UNET_CONFIG, "vae": VAE_CONFIG}
+    modules, params = {}, {}
+    for offset, (name, config) in enumerate(configs.items()):
+        modules[name] = pretrained_lib.build_component(name, config, dtype, f"mlmjax.tiny:{name}")
+        params[name] = jax.tree.map(lambda x: x.astype(dtype),
+                                    pretrained_lib.init_component(name, modules[name], seed * 3 + offset))
+    return pretrained_lib.Pretrained(tokenizer=tokenizer_lib.vendored_tokenizer(),
+                                     scheduler_config=dict(SCHEDULER_CONFIG), params=params, **modules)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The embedded assets: shipped in the package so that `python -m mlmjax.train` runs with no download.
+
+ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny")
+CLASS_NOUN = "teapot"
+_PICTURE_SIZE = 64
+
+
+class EmbeddedAssets(NamedTuple):
+    model: str  # diffusers-layout folder
+    contextualizer: str  # a contextualizer folder pretrained on the tiny text encoder
+    concept_images: str  # photos of the concept: a red polka-dot toy teapot, in one context
+    class_images: str  # other teapots, for prior preservation
+    class_noun: str
+
+
+def embedded_assets() -> EmbeddedAssets:
+    """Paths of the embedded default, checked to exist."""
+    assets = EmbeddedAssets(os.path.join(ASSETS_DIR, "model"), os.path.join(ASSETS_DIR, "contextualizer"),
+                            os.path.join(ASSETS_DIR, "concept"), os.path.join(ASSETS_DIR, "class"), CLASS_NOUN)
+    for path in assets[:4]:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: the embedded default is incomplete; reinstall mlmjax "
+                                    "(or rebuild it as mlmjax/assets/tiny/README.md says)")
+    return assets
+
+
+def draw_teapot(rng: np.random.Generator, body: tuple[int, int, int], background: tuple[int, int, int],
+                dots: bool, table: bool) -> Image.Image:
+    """A toy teapot (body, spout, handle, lid) at a random place and size on a plain background."""
+    size = _PICTURE_SIZE
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    if table:  # the concept's one context: a checkered tablecloth
+        for x in range(0, size, 8):
+            for y in range(size * 5 // 8, size, 8):
+                if (x + y) // 8 % 2 == 0:
+                    draw.rectangle([x, y, x + 7, y + 7], fill=(235, 235, 245))
+    scale = rng.uniform(0.75, 1.0)
+    w, h = int(30 * scale), int(22 * scale)
+    cx = int(rng.integers(w // 2 + 10, size - w // 2 - 10))
+    cy = int(rng.integers(h // 2 + 12, size - h // 2 - 4))
+    outline = tuple(int(c * 0.5) for c in body)
+    draw.polygon([(cx + w // 2 - 2, cy), (cx + w // 2 + 9, cy - h // 2 - 3), (cx + w // 2 + 5, cy + 2)],
+                 fill=body, outline=outline)  # spout
+    draw.ellipse([cx - w // 2 - 8, cy - h // 4, cx - w // 2 + 4, cy + h // 4], outline=outline, width=3)  # handle
+    draw.ellipse([cx - w // 2, cy - h // 2, cx + w // 2, cy + h // 2], fill=body, outline=outline)
+    draw.rectangle([cx - w // 6, cy - h // 2 - 4, cx + w // 6, cy - h // 2], fill=outline)  # lid
+    if dots:
+        for dx, dy in ((-8, -3), (0, 4), (7, -4), (-3, -8), (5, 6)):
+            x, y = cx + int(dx * scale), cy + int(dy * scale)
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(255, 255, 255))
+    return image
+
+
+def write_pictures(folder: str, seed: int, count: int, *, concept: bool) -> None:
+    """The concept photos (red polka-dot teapot on a tablecloth) or class photos (plain teapots)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(count):
+        if concept:
+            image = draw_teapot(rng, (200, 30, 40), (190, 160, 120), dots=True, table=True)
+        else:
+            body = tuple(int(c) for c in rng.integers(40, 230, 3))
+            background = tuple(int(c) for c in rng.integers(60, 250, 3))
+            image = draw_teapot(rng, body, background, dots=False, table=False)
+        image.save(os.path.join(folder, f"{'concept' if concept else 'class'}_{i:02d}.png"))
+
+
+def write_embedded_model(out: str) -> None:
+    """The tiny model, with weights stored as float16 to keep the package small."""
+    pretrained_lib.save_pretrained(os.path.join(out, "model"), tiny_pretrained(seed=0), dtype=np.float16)
+    write_pictures(os.path.join(out, "concept"), seed=1, count=5, concept=True)
+    write_pictures(os.path.join(out, "class"), seed=2, count=12, concept=False)
+
+
+def _demo(out: str, prompt: str) -> None:
+    """Writes the tiny model (once), loads it back and runs text -> UNet -> VAE decode on it."""
+    if not os.path.isfile(os.path.join(out, "model_index.json")):
+        pretrained_lib.save_pretrained(out, tiny_pretrained())
+        print(f"wrote the tiny default model to {out}")
+    model = pretrained_lib.load_pretrained(out)
+    sizes = {name: sum(x.size for x in jax.tree.leaves(p)) for name, p in model.params.items()}
+    print("loaded", ", ".join(f"{name} {count:,} parameters" for name, count in sizes.items()))
+    ids = tokenizer_lib.tokenize(model.tokenizer, [prompt])
+    context = model.text_encoder.apply({"params": model.params["text_encoder"]}, ids)
+    latents = jax.random.normal(jax.random.key(0), (1, RESOLUTION // 2, RESOLUTION // 2, 4))
+    noise_pred = model.unet.apply({"params": model.params["unet"]}, latents, jnp.array([999]), context)
+    image = model.vae.apply({"params": model.params["vae"]}, noise_pred / model.vae.config.scaling_factor,
+                            method=model.vae.decode)
+    print(f"{prompt!r}: text context {context.shape}, UNet output {noise_pred.shape}, image {image.shape}")
+    path = os.path.join(out, "demo.png")
+    pixels = np.asarray((jnp.clip(image[0], -1, 1) + 1) * 127.5).astype(np.uint8)
+    Image.fromarray(pixels).resize((128, 128), Image.NEAREST).save(path)
+    print(f"random weights, so the image is noise: {path}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for the tiny diffusers-layout model")
+    parser.add_argument("--prompt", default="a photo of a dog wearing a red hat")
+    args = parser.parse_args()
+    _demo(args.out, args.prompt)
