@@ -11,6 +11,7 @@ network access.
 from __future__ import annotations
 
 import os
+import shutil
 from typing import NamedTuple
 
 import jax
@@ -54,7 +55,7 @@ VAE_CONFIG = {
 SCHEDULER_CONFIG = {
     "_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
     "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
-    "clip_sample": False, "steps_offset": 1,
+    "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
 }
 
 
@@ -140,8 +141,14 @@ def write_pictures(folder: str, seed: int, count: int, *, concept: bool) -> None
 
 
 def write_embedded_model(out: str) -> None:
-    """The tiny model, with weights stored as float16 to keep the package small."""
-    pretrained_lib.save_pretrained(os.path.join(out, "model"), tiny_pretrained(seed=0), dtype=np.float16)
+    """The tiny model, with weights stored as float16 to keep the package small.
+
+    Its ``tokenizer/`` folder is dropped: it would repeat the vendored CLIP vocabulary (3.5 MB), which
+    ``load_pretrained`` uses for a folder without one.
+    """
+    model_dir = os.path.join(out, "model")
+    pretrained_lib.save_pretrained(model_dir, tiny_pretrained(seed=0), dtype=np.float16)
+    shutil.rmtree(os.path.join(model_dir, "tokenizer"))
     write_pictures(os.path.join(out, "concept"), seed=1, count=5, concept=True)
     write_pictures(os.path.join(out, "class"), seed=2, count=12, concept=False)
 

@@ -55,7 +55,7 @@ def build_pipeline(version: int, seed: int = 0):
     vae = diffusers.AutoencoderKL(**_kwargs(configs["vae"]))
     for offset, module in enumerate((text_encoder, unet, vae)):
         randomize_(module, seed + offset)
-    scheduler = diffusers.DDPMScheduler(**_kwargs(configs["scheduler"]))
+    scheduler = diffusers.DDPMScheduler.from_config(configs["scheduler"])
     return diffusers.StableDiffusionPipeline(
         vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer_lib.vendored_tokenizer(),
         unet=unet.eval(), scheduler=scheduler, safety_checker=None, feature_extractor=None,

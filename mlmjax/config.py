@@ -1,0 +1,113 @@
+"""The configuration every method shares, and its validation.
+
+``configs/<method>.py`` files start from :func:`base_config` and set what their method changes, so the
+four baselines differ only in configuration (PAPER.md §3). Fields are locked: an override of a key
+that does not exist is an error, as is a value of the wrong type.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+METHODS = ("ti", "xti", "dreambooth", "custom_diffusion")
+
+# PAPER.md §1.4: the text side only. Regexes over "<component>/<flax path>"; first match wins.
+TEXT_ENCODER = r"text_encoder/.*"
+CONCEPT = r"concept/.*"
+UNET_CROSS_ATTENTION_KV = r"unet/.*/attn2/to_[kv]/.*"
+UNET_CROSS_ATTENTION_QO = r"unet/.*/attn2/to_(q|out_0)/.*"
+UNET = r"unet/.*"
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults common to the four baselines (PAPER.md §3), method-independent parts of the run."""
+    c = ml_collections.ConfigDict()
+    c.method = "ti"
+    c.pretrained = ""  # a diffusers-layout folder; empty: the embedded tiny default
+    c.resolution = 0  # pixels; 0: the pretrained VAE's sample_size (512 for SD 1.5, 32 for the tiny default)
+    c.seed = 7777
+    c.max_steps = 3001
+    c.batch_size = 4
+    c.learning_rate = 2e-3  # the effective rate (already scaled as the authors' `scale_lr` did)
+    c.compute_dtype = "float32"  # or "bfloat16": parameters stay float32
+
+    c.concept = ml_collections.ConfigDict()
+    c.concept.images = ""  # a folder of photos; empty: the embedded default's concept
+    c.concept.token = "<concept>"
+    c.concept.class_noun = ""  # empty: the embedded default's
+    c.concept.family = "nonliving"  # "pet" or "nonliving": which context-rich prompt set
+    c.concept.init_word = ""  # the word whose embedding starts the concept token; empty: class noun
+    c.concept.xti_tokens = "blocks"  # XTI/P+ only: one token per cross-attention "blocks" group (7) or "layers" (16)
+    c.concept.flip_prob = 0.5
+
+    c.prior = ml_collections.ConfigDict()
+    c.prior.weight = 0.0  # 0: no prior preservation
+    c.prior.images = ""  # a folder of class images; empty: generated into the workdir
+    c.prior.prompt = "a picture of a {}"
+    c.prior.num_images = 100
+
+    c.mlm = ml_collections.ConfigDict()
+    c.mlm.weight = 0.0  # λ; 0 gives exactly the plain baseline and skips the MLM branch entirely
+    c.mlm.mask_prob = 0.15
+    c.mlm.batch_size = 25
+    c.mlm.contextualizer = ""  # a folder written by mlmjax's pretraining or converter; empty: embedded
+    # Quirk (PAPER.md §1.4): the authors' XTI MLM prompts carry the concept token without the class noun.
+    c.mlm.class_noun_in_prompts = True
+    c.mlm.prompt_types = ""  # comma-separated subset of the family's caption types; empty: all
+    c.mlm.per_type_size = 0  # ablation: keep only N prompts per type (drawn with replacement); 0: all
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.weight_decay = 1e-2
+    c.optimizer.grad_clip = 0.0  # global-norm clip; 0: none
+
+    # ("regex", "train"|"freeze") over "<component>/<flax path>"; the method config fills it.
+    c.trainable = [(CONCEPT, "train"), (r".*", "freeze")]
+
+    c.log_every = 50
+    c.sample_steps = 25  # DDIM steps for the samples written at the end of a run
+    c.sample_prompts = ["a photo of a {} on the beach", "a {} wearing a red hat", "a painting of a {}"]
+    return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Rejects values that cannot run, with the key named; called before anything is written."""
+    def fail(key: str, message: str):
+        raise ValueError(f"config.{key}={config_value(config, key)!r}: {message}")
+
+    if config.method not in METHODS:
+        fail("method", f"must be one of {METHODS}")
+    for key in ("max_steps", "batch_size", "mlm.batch_size"):
+        if config_value(config, key) <= 0:
+            fail(key, "must be a positive integer")
+    for key in ("learning_rate", "mlm.weight", "prior.weight", "optimizer.weight_decay", "optimizer.grad_clip"):
+        if config_value(config, key) < 0:
+            fail(key, "must be non-negative")
+    if not 0 < config.mlm.mask_prob < 1:
+        fail("mlm.mask_prob", "must be in (0, 1)")
+    if config.concept.family not in ("pet", "nonliving"):
+        fail("concept.family", "must be 'pet' or 'nonliving'")
+    if config.concept.xti_tokens not in ("blocks", "layers"):
+        fail("concept.xti_tokens", "must be 'blocks' or 'layers'")
+    if config.compute_dtype not in ("float32", "bfloat16"):
+        fail("compute_dtype", "must be 'float32' or 'bfloat16'")
+    if "{}" not in config.prior.prompt:
+        fail("prior.prompt", "needs a {} slot for the class noun")
+
+
+def parse_options(options: str | None, allowed: tuple[str, ...]) -> set[str]:
+    """The comma-separated options after a config file name (``configs/x.py:a,b``), checked."""
+    chosen = {o.strip() for o in (options or "").split(",") if o.strip()}
+    unknown = chosen - set(allowed)
+    if unknown:
+        raise ValueError(f"unknown config option(s) {sorted(unknown)}; this config accepts {list(allowed)}")
+    return chosen
+
+
+def config_value(config: ml_collections.ConfigDict, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value

@@ -1,0 +1,215 @@
+"""From a method config to a ready train state and a batch function (PAPER.md §1.4 and §3).
+
+The four baselines differ only in configuration: which parameters the rules mark trainable, how many
+concept tokens there are (XTI/P+: one per cross-attention block group or layer), whether class images
+enter a prior-preservation loss, and the MLM weight λ. Everything here runs once at start-up, on the
+host; the per-step work is in ``train_step.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mlmjax import data as data_lib
+from mlmjax import mlm
+from mlmjax import tokenizer as tokenizer_lib
+from mlmjax import trainable
+from mlmjax.models import contextualizer as contextualizer_lib
+from mlmjax.models import unet as unet_lib
+from mlmjax.noise_schedule import NoiseSchedule
+from mlmjax.pretrained import Pretrained
+from mlmjax.prompts import prompt_set as prompts_lib
+from mlmjax.train_step import StepSpec, TrainState
+
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a customization run needs besides the loop."""
+    model: Pretrained
+    state: TrainState
+    make_batch: Callable[[int], dict]  # step -> numpy batch, a pure function of (seed, step)
+    concept_phrase: str
+    label_tree: dict
+
+
+def num_concept_tokens(config: ml_collections.ConfigDict, unet_config) -> int:
+    """1, or for XTI/P+ one token per cross-attention block group or layer of this UNet."""
+    if config.method != "xti":
+        return 1
+    if config.concept.xti_tokens == "blocks":
+        return max(unet_lib.cross_attention_block_groups(unet_config)) + 1
+    if config.concept.xti_tokens == "layers":
+        return unet_lib.num_cross_attention_layers(unet_config)
+    raise ValueError(f"config.concept.xti_tokens={config.concept.xti_tokens!r}: use 'blocks' or 'layers'")
+
+
+def _layer_tokens(config: ml_collections.ConfigDict, unet_config) -> tuple[int, ...] | None:
+    if config.method != "xti":
+        return None
+    if config.concept.xti_tokens == "blocks":
+        return tuple(unet_lib.cross_attention_block_groups(unet_config))
+    return tuple(range(unet_lib.num_cross_attention_layers(unet_config)))
+
+
+def _concept_tokens(tokenizer, config: ml_collections.ConfigDict, count: int, vocab_size: int) -> list[int]:
+    """Adds ``<token>`` (and for XTI ``<token>_1`` ...) to the tokenizer; ids vocab_size, vocab_size+1, ..."""
+    if len(tokenizer) != vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the text encoder's vocabulary has "
+                         f"{vocab_size}; use the checkpoint's own tokenizer without added tokens")
+    names = [config.concept.token] + [f"{config.concept.token}_{k}" for k in range(1, count)]
+    ids = tokenizer_lib.add_concept_tokens(tokenizer, names)
+    if ids != list(range(vocab_size, vocab_size + count)):
+        raise AssertionError(f"new token ids {ids} are not consecutive after the vocabulary")
+    return ids
+
+
+def _init_embedding(model: Pretrained, tokenizer, word: str, count: int) -> jax.Array:
+    """``[count, D]`` copies of the embedding of ``word``, which must be a single token."""
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(f"config.concept.init_word={word!r} is {len(ids)} tokens; choose a single-token word")
+    table = model.params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
+    return jnp.tile(table[ids[0]][None].astype(jnp.float32), (count, 1))
+
+
+def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW at a constant rate (no warm-up), with optional global-norm clipping, as the baselines."""
+    o = config.optimizer
+    adamw = optax.adamw(config.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip else adamw
+
+
+def _check_trainable(label_tree: dict) -> None:
+    for path, label in jax.tree_util.tree_leaves_with_path(label_tree):
+        name = "/".join(str(k.key) for k in path)
+        if label == trainable.TRAIN and name.startswith("mlm/"):
+            raise ValueError(f"config.trainable marks {name} trainable; the contextualizer and [MASK] "
+                             "embedding are frozen by the method")
+
+
+def build(config: ml_collections.ConfigDict, model: Pretrained, *, concept_images: np.ndarray,
+          class_images: np.ndarray | None, contextualizer_folder: str | None) -> Setup:
+    """The train state and batch function of ``config`` on ``model``.
+
+    Args:
+      concept_images: ``[N, R, R, 3]`` in [-1, 1].
+      class_images: the same for prior preservation, or None when ``prior.weight`` is 0.
+      contextualizer_folder: a folder from ``save_contextualizer``; needed when ``mlm.weight`` > 0.
+    """
+    tokenizer = model.tokenizer
+    text_config = model.text_encoder.config
+    num_tokens = num_concept_tokens(config, model.unet.config)
+    concept_ids = _concept_tokens(tokenizer, config, num_tokens, text_config.vocab_size)
+    class_noun = config.concept.class_noun
+    init_word = config.concept.init_word or class_noun
+    params = dict(model.params)
+    del params["vae"]  # the VAE runs once, below, to cache the moments
+    params["concept"] = {"embeddings": _init_embedding(model, tokenizer, init_word, num_tokens)}
+
+    contextualizer, max_masked = None, 0
+    if config.mlm.weight:
+        if not contextualizer_folder:
+            raise ValueError("config.mlm.weight > 0 needs config.mlm.contextualizer (a contextualizer folder)")
+        contextualizer, ctx_params, mask_embedding = contextualizer_lib.load_contextualizer(contextualizer_folder)
+        if contextualizer.config.hidden_size != text_config.hidden_size:
+            raise ValueError(f"{contextualizer_folder}: contextualizer width {contextualizer.config.hidden_size} "
+                             f"does not match the text encoder's {text_config.hidden_size}")
+        params["mlm"] = {"contextualizer": ctx_params, "mask_embedding": mask_embedding}
+        prompt_set = _prompt_set(config)
+        copies = num_tokens if config.method == "xti" else 1
+        longest = _longest_prompt(prompt_set, tokenizer, _mlm_phrase(config))
+        max_masked = mlm.masked_token_bound(config.mlm.batch_size * copies * longest, config.mlm.mask_prob)
+
+    label_tree = trainable.labels(params, [tuple(rule) for rule in config.trainable])
+    _check_trainable(label_tree)
+    trainable_params, frozen = trainable.split(params, label_tree)
+    schedule = NoiseSchedule.from_config(model.scheduler_config)
+    compute_dtype = jnp.dtype(config.compute_dtype)
+    spec = StepSpec(
+        text_encoder=model.text_encoder.clone(dtype=compute_dtype), unet=model.unet.clone(dtype=compute_dtype),
+        contextualizer=None if contextualizer is None else contextualizer.clone(dtype=compute_dtype),
+        prediction_type=schedule.prediction_type, scaling_factor=float(model.vae.config.scaling_factor),
+        alphas_cumprod=tuple(float(a) for a in schedule.alphas_cumprod),
+        layer_tokens=_layer_tokens(config, model.unet.config),
+        prior_weight=float(config.prior.weight), mlm_weight=float(config.mlm.weight),
+        max_masked=max_masked, learning_rate=float(config.learning_rate))
+    state = TrainState.create(params=trainable_params, frozen=frozen, spec=spec, tx=optimizer(config))
+
+    concept_phrase = f"{config.concept.token} {class_noun}".strip()
+    concept_moments = data_lib.encode_moments(model.vae, model.params["vae"], concept_images)
+    class_moments = (None if class_images is None
+                     else data_lib.encode_moments(model.vae, model.params["vae"], class_images))
+    make_batch = _batch_maker(config, tokenizer, concept_ids, concept_phrase, concept_moments, class_moments,
+                              mask_token_id=text_config.vocab_size + num_tokens, max_masked=max_masked)
+    return Setup(model=model, state=state, make_batch=make_batch, concept_phrase=concept_phrase,
+                 label_tree=label_tree)
+
+
+def _prompt_set(config: ml_collections.ConfigDict) -> prompts_lib.PromptSet:
+    types = [t.strip() for t in config.mlm.prompt_types.split(",") if t.strip()] or None
+    return prompts_lib.PromptSet.load(config.concept.family, types=types,
+                                      per_type_size=config.mlm.per_type_size or None, seed=config.seed)
+
+
+def _mlm_phrase(config: ml_collections.ConfigDict) -> str:
+    if config.mlm.class_noun_in_prompts:
+        return f"{config.concept.token} {config.concept.class_noun}"
+    return config.concept.token
+
+
+def _longest_prompt(prompt_set: prompts_lib.PromptSet, tokenizer, phrase: str) -> int:
+    """Tokens in the longest MLM prompt (longest line and longest prefix; BOS/EOS excluded).
+
+    It bounds the masked tokens of a batch much more tightly than CLIP's 75: the vocabulary
+    projection then runs at ~140 positions instead of ~380 for 25 prompts (they are ≤ 20 tokens).
+    """
+    lines = [line for kind in prompt_set.types for line in prompt_set.all_prompts(kind, phrase)]
+    longest_line = max(len(ids) for ids in tokenizer(lines, add_special_tokens=False).input_ids)
+    longest_prefix = max(len(tokenizer.encode(p.format(""), add_special_tokens=False)) for p in prompt_set.prefixes)
+    return min(longest_line + longest_prefix, tokenizer_lib.MAX_LENGTH - 2)
+
+
+def _batch_maker(config, tokenizer, concept_ids, concept_phrase, concept_moments, class_moments, *,
+                 mask_token_id: int, max_masked: int) -> Callable[[int], dict]:
+    """``step -> batch``; every random draw comes from a generator seeded with (seed, step)."""
+    flip_prob = config.concept.flip_prob
+    class_noun = config.concept.class_noun
+    prompt_set = None
+    if config.mlm.weight:
+        prompt_set = _prompt_set(config)
+        mlm_phrase = _mlm_phrase(config)
+        protected = mlm.protected_sequences(tokenizer, [config.concept.token, class_noun])
+        special = dict(bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id)
+
+    def make_batch(step: int) -> dict:
+        rng = np.random.default_rng([config.seed, step])
+        mean, logvar = data_lib.sample_moments(concept_moments, rng, config.batch_size, flip_prob)
+        prompts = [prompts_lib.diffusion_prompt(rng, concept_phrase) for _ in range(config.batch_size)]
+        batch = {"latent_mean": mean, "latent_logvar": logvar,
+                 "input_ids": tokenizer_lib.tokenize(tokenizer, prompts).astype(np.int32)}
+        if class_moments is not None:
+            mean, logvar = data_lib.sample_moments(class_moments, rng, config.batch_size, flip_prob)
+            batch.update(prior_latent_mean=mean, prior_latent_logvar=logvar,
+                         prior_input_ids=tokenizer_lib.tokenize(
+                             tokenizer, [config.prior.prompt.format(class_noun)] * config.batch_size
+                         ).astype(np.int32))
+        if prompt_set is not None:
+            ids = tokenizer_lib.tokenize(tokenizer, prompt_set.sample(rng, config.mlm.batch_size, mlm_phrase))
+            # XTI: every prompt once per concept token <c>_k, each copy masked independently.
+            ids = np.concatenate([np.where(ids == concept_ids[0], token, ids) for token in concept_ids])
+            masked = mlm.mask_tokens(ids, rng, mask_prob=config.mlm.mask_prob, mask_token_id=mask_token_id,
+                                     protected=[[t] for t in concept_ids] + list(protected), max_masked=max_masked,
+                                     **special)
+            batch.update(mlm_input_ids=masked.input_ids.astype(np.int32), mlm_labels=masked.labels.astype(np.int32),
+                         mlm_mask=masked.mask)
+        return batch
+
+    return make_batch

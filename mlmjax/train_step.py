@@ -1,0 +1,176 @@
+"""The fused train step: L = L_diff + w_prior · L_prior + λ · L_mlm, one jit, one value_and_grad.
+
+``train_step(state, batch, rng) -> (state, metrics)`` is a pure function, so researchers can import it
+and ``jax.jit`` it in their own loops (``donate_argnums=0`` recycles the state's buffers). Everything
+that changes the traced computation (the modules, the loss weights, the XTI layer map) lives in the
+state's static :class:`StepSpec`; everything that is data (trainable and frozen parameters, optimizer
+state, step) is a pytree leaf, so the frozen weights are arguments, never constants folded into the
+executable.
+
+Parameter tree (trainable and frozen together, split by the config's rules, see ``trainable.py``)::
+
+    text_encoder/...          CLIP text transformer (DreamBooth/Custom Diffusion may train it)
+    unet/...                  UNet (DreamBooth: all; Custom Diffusion: cross-attention K/V)
+    concept/embeddings        [C, D] new-token vectors, token ids vocab_size .. vocab_size+C-1
+    mlm/contextualizer/...    frozen contextualizer (present only when λ > 0)
+    mlm/mask_embedding        [D] frozen [MASK] vector, token id vocab_size + C
+
+Batch (host numpy or device arrays)::
+
+    latent_mean, latent_logvar  [B, h, w, c]  VAE posterior moments (unscaled); sampled here
+    input_ids                   [B, 77]       prompts with the concept token (id vocab_size)
+    prior_latent_mean, prior_latent_logvar, prior_input_ids   the class images (prior preservation)
+    mlm_input_ids, mlm_labels, mlm_mask       [M, 77]  masked context prompts (λ > 0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from mlmjax import mlm
+from mlmjax.models.clip_text import CLIPTextModel
+from mlmjax.models.contextualizer import Contextualizer
+from mlmjax.models.unet import UNet2DConditionModel
+from mlmjax import trainable
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """The static description of a method's step (hashable: a jit cache key).
+
+    Attributes:
+      text_encoder, unet: the Flax modules.
+      contextualizer: the frozen contextualizer; None when ``mlm_weight`` is 0.
+      prediction_type: ``epsilon`` or ``v_prediction`` (from the scheduler config).
+      scaling_factor: the VAE's latent scaling factor.
+      alphas_cumprod: the noise schedule as a tuple (static, exact).
+      layer_tokens: XTI/P+: for each cross-attention layer, which concept token (0..C-1) stands in
+        for the placeholder in that layer's context; None: one context for all layers.
+      prior_weight, mlm_weight: w_prior and λ. λ = 0 removes the MLM branch from the trace.
+      max_masked: static bound on masked tokens per MLM batch (see ``mlm.masked_token_bound``).
+      learning_rate: reported as the ``lr`` metric.
+    """
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    contextualizer: Contextualizer | None
+    prediction_type: str
+    scaling_factor: float
+    alphas_cumprod: tuple[float, ...]
+    layer_tokens: tuple[int, ...] | None = None
+    prior_weight: float = 0.0
+    mlm_weight: float = 0.0
+    max_masked: int = 0
+    learning_rate: float = 0.0
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict  # trainable
+    frozen: dict
+    opt_state: Any
+    spec: StepSpec = flax.struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    @classmethod
+    def create(cls, *, params: dict, frozen: dict, spec: StepSpec, tx: optax.GradientTransformation) -> TrainState:
+        return cls(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
+                   spec=spec, tx=tx)
+
+
+def _extra_embeddings(params: dict) -> jax.Array:
+    """Rows for ids ≥ vocab_size: the concept tokens, then [MASK] when the MLM branch is on."""
+    rows = [params["concept"]["embeddings"]]
+    if "mlm" in params:
+        rows.append(params["mlm"]["mask_embedding"][None])
+    return jnp.concatenate(rows).astype(jnp.float32)
+
+
+def _encode(spec: StepSpec, params: dict, input_ids: jax.Array, token_offset: int | jax.Array = 0) -> jax.Array:
+    """CLIP text features with the concept token spliced in; ``token_offset`` picks XTI's k-th token."""
+    vocab = spec.text_encoder.config.vocab_size
+    ids = jnp.where(input_ids == vocab, vocab + token_offset, input_ids)
+    variables = {"params": params["text_encoder"]}
+    embeds = spec.text_encoder.apply(variables, ids, _extra_embeddings(params), method=CLIPTextModel.embed)
+    return spec.text_encoder.apply(variables, ids, inputs_embeds=embeds)
+
+
+def text_context(spec: StepSpec, params: dict, input_ids: jax.Array) -> jax.Array:
+    """``[B, L, D]``, or for XTI/P+ ``[layers, B, L, D]`` with token k in the layers of group k."""
+    if spec.layer_tokens is None:
+        return _encode(spec, params, input_ids)
+    num_tokens = params["concept"]["embeddings"].shape[0]
+    per_token = jax.vmap(lambda k: _encode(spec, params, input_ids, k))(jnp.arange(num_tokens))
+    return per_token[jnp.asarray(spec.layer_tokens)]
+
+
+def _diffusion_losses(spec: StepSpec, params: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-example MSE of the UNet's prediction, instance images first, then class images."""
+    mean, logvar, ids = batch["latent_mean"], batch["latent_logvar"], batch["input_ids"]
+    if "prior_input_ids" in batch:  # one UNet call for both, as the reference DreamBooth trainer does
+        mean = jnp.concatenate([mean, batch["prior_latent_mean"]])
+        logvar = jnp.concatenate([logvar, batch["prior_latent_logvar"]])
+        ids = jnp.concatenate([ids, batch["prior_input_ids"]])
+    sample_rng, noise_rng, time_rng = jax.random.split(rng, 3)
+    mean = mean.astype(jnp.float32)
+    latents = (mean + jnp.exp(0.5 * logvar.astype(jnp.float32)) * jax.random.normal(sample_rng, mean.shape))
+    latents = latents * spec.scaling_factor
+    noise = jax.random.normal(noise_rng, latents.shape)
+    alphas_cumprod = jnp.asarray(spec.alphas_cumprod, jnp.float32)
+    timesteps = jax.random.randint(time_rng, (latents.shape[0],), 0, len(spec.alphas_cumprod))
+    signal = jnp.sqrt(alphas_cumprod[timesteps])[:, None, None, None]
+    sigma = jnp.sqrt(1.0 - alphas_cumprod[timesteps])[:, None, None, None]
+    noisy = signal * latents + sigma * noise
+    target = noise if spec.prediction_type == "epsilon" else signal * noise - sigma * latents
+    prediction = spec.unet.apply({"params": params["unet"]}, noisy, timesteps, text_context(spec, params, ids))
+    per_example = jnp.mean((prediction.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3))
+    num_instance = batch["input_ids"].shape[0]
+    return per_example[:num_instance], per_example[num_instance:]
+
+
+def _mlm_loss(spec: StepSpec, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy of the frozen contextualizer at the masked tokens of the context prompts."""
+    hidden = _encode(spec, params, batch["mlm_input_ids"])
+    variables = {"params": params["mlm"]["contextualizer"]}
+    features = spec.contextualizer.apply(variables, hidden, method=Contextualizer.encode)
+    selected, positions, valid = mlm.gather_masked(features, batch["mlm_mask"], spec.max_masked)
+    logits = spec.contextualizer.apply(variables, selected, method=Contextualizer.logits)
+    return mlm.customization_mlm_loss(logits, jnp.asarray(batch["mlm_labels"]).reshape(-1)[positions], valid)
+
+
+def loss_fn(trainable_params: dict, frozen: dict, spec: StepSpec, batch: dict, rng: jax.Array):
+    """The total loss and its parts; gradients are taken w.r.t. ``trainable_params`` only."""
+    params = trainable.merge(trainable_params, frozen)
+    instance, prior = _diffusion_losses(spec, params, batch, rng)
+    metrics = {"loss_diff": instance.mean()}
+    loss = metrics["loss_diff"]
+    if prior.shape[0]:
+        metrics["loss_prior"] = prior.mean()
+        loss = loss + spec.prior_weight * metrics["loss_prior"]
+    if spec.mlm_weight:
+        metrics["loss_mlm"], metrics["mlm_accuracy"] = _mlm_loss(spec, params, batch)
+        loss = loss + spec.mlm_weight * metrics["loss_mlm"]
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
+    """One optimisation step of the method described by ``state.spec``.
+
+    ``rng`` is folded with the step, so a run is reproducible from (seed, step) alone and a resumed
+    run draws exactly what an uninterrupted one would.
+    """
+    step_rng = jax.random.fold_in(rng, state.step)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.frozen, state.spec, batch, step_rng)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["lr"] = jnp.asarray(state.spec.learning_rate, jnp.float32)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
