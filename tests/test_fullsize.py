@@ -1,9 +1,13 @@
 """Full-size SD 1.5 and SD 2.1 folders (random weights, written by diffusers) load and match PyTorch.
 
 These build ~1.1-1.3 B parameters in PyTorch and write ~5 GB per model, so they run only when
-``MLMJAX_FULLSIZE=1`` (a couple of minutes and ~16 GB of memory); the tiny tests cover the same code
+``MLMJAX_FULLSIZE=1`` (several minutes and ~20 GB of memory); the tiny tests cover the same code
 paths and options on every run. Spatial sizes are kept small: the weights, not the activations, are
 what this checks.
+
+The reference is PyTorch in float64 on the same weights. At full width two float32 implementations
+differ by their own rounding: PyTorch's float32 VAE decoder is itself 9.4e-6 away from its float64
+result, so float32-vs-float32 comparisons measure rounding order, not the port.
 """
 
 import os
@@ -78,16 +82,21 @@ def test_full_size_folder_matches_pytorch(name, tmp_path):
     latents = rng.standard_normal((1, 16, 16, 4)).astype(np.float32)
     timesteps = np.array([500])
     images = rng.uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32)
+    pipeline.text_encoder.double()
+    pipeline.unet.double()
+    pipeline.vae.double()
     with torch.no_grad():
         context_t = pipeline.text_encoder(torch.from_numpy(ids).long())[0]
-        out_t = pipeline.unet(torch.from_numpy(latents).permute(0, 3, 1, 2), torch.from_numpy(timesteps),
+        out_t = pipeline.unet(torch.from_numpy(latents).double().permute(0, 3, 1, 2), torch.from_numpy(timesteps),
                               encoder_hidden_states=context_t).sample.permute(0, 2, 3, 1).numpy()
-        dist = pipeline.vae.encode(torch.from_numpy(images).permute(0, 3, 1, 2)).latent_dist
+        dist = pipeline.vae.encode(torch.from_numpy(images).double().permute(0, 3, 1, 2)).latent_dist
         decoded_t = pipeline.vae.decode(dist.mean).sample.permute(0, 2, 3, 1).numpy()
     context = model.text_encoder.apply({"params": model.params["text_encoder"]}, ids)
-    out = model.unet.apply({"params": model.params["unet"]}, latents, timesteps, context)
+    # Each network is fed the reference's own input, so each error is that network's alone.
+    out = model.unet.apply({"params": model.params["unet"]}, latents, timesteps, context_t.float().numpy())
     mean, _ = model.vae.apply({"params": model.params["vae"]}, images, method=model.vae.encode)
-    decoded = model.vae.apply({"params": model.params["vae"]}, mean, method=model.vae.decode)
+    decoded = model.vae.apply({"params": model.params["vae"]}, dist.mean.float().permute(0, 2, 3, 1).numpy(),
+                              method=model.vae.decode)
     errors = {"text_encoder": relative_error(context, context_t.numpy()), "unet": relative_error(out, out_t),
               "vae_mean": relative_error(mean, dist.mean.permute(0, 2, 3, 1).numpy()),
               "vae_decode": relative_error(decoded, decoded_t)}
