@@ -30,6 +30,7 @@ from mlmjax import pretrain_contextualizer
 from mlmjax import pretrained as pretrained_lib
 from mlmjax import sampling
 from mlmjax import tiny
+from mlmjax import tokenizer as tokenizer_lib
 from mlmjax import train_step as train_step_lib
 from mlmjax import trainable
 
@@ -65,8 +66,7 @@ def _write_samples(setup: method_lib.Setup, config: ml_collections.ConfigDict, w
     """A few context prompts with the learned concept, as PNGs and one grid, in ``workdir/samples``."""
     prompts = [p.format(setup.concept_phrase) for p in config.sample_prompts]
     tokenizer = setup.model.tokenizer
-    ids = tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
-                    return_tensors="np").input_ids.astype(np.int32)
+    ids = tokenizer_lib.tokenize(tokenizer, prompts).astype(np.int32)
     latent_hw = (config.resolution // setup.model.vae_scale_factor,) * 2
     images = sampling.generate(setup.state.spec, params, setup.model.vae, setup.model.params["vae"], ids,
                                jax.random.key(config.seed), scheduler_config=setup.model.scheduler_config,

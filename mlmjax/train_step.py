@@ -31,12 +31,14 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from mlmjax import mlm
 from mlmjax.models.clip_text import CLIPTextModel
 from mlmjax.models.contextualizer import Contextualizer
 from mlmjax.models.unet import UNet2DConditionModel
+from mlmjax.noise_schedule import NoiseSchedule
 from mlmjax import trainable
 
 
@@ -67,6 +69,10 @@ class StepSpec:
     mlm_weight: float = 0.0
     max_masked: int = 0
     learning_rate: float = 0.0
+
+    @property
+    def noise_schedule(self) -> NoiseSchedule:
+        return NoiseSchedule(np.asarray(self.alphas_cumprod, np.float32), self.prediction_type)
 
 
 @flax.struct.dataclass
@@ -122,12 +128,10 @@ def _diffusion_losses(spec: StepSpec, params: dict, batch: dict, rng: jax.Array)
     latents = (mean + jnp.exp(0.5 * logvar.astype(jnp.float32)) * jax.random.normal(sample_rng, mean.shape))
     latents = latents * spec.scaling_factor
     noise = jax.random.normal(noise_rng, latents.shape)
-    alphas_cumprod = jnp.asarray(spec.alphas_cumprod, jnp.float32)
-    timesteps = jax.random.randint(time_rng, (latents.shape[0],), 0, len(spec.alphas_cumprod))
-    signal = jnp.sqrt(alphas_cumprod[timesteps])[:, None, None, None]
-    sigma = jnp.sqrt(1.0 - alphas_cumprod[timesteps])[:, None, None, None]
-    noisy = signal * latents + sigma * noise
-    target = noise if spec.prediction_type == "epsilon" else signal * noise - sigma * latents
+    schedule = spec.noise_schedule
+    timesteps = jax.random.randint(time_rng, (latents.shape[0],), 0, schedule.num_train_timesteps)
+    noisy = schedule.add_noise(latents, noise, timesteps)
+    target = schedule.target(latents, noise, timesteps)
     prediction = spec.unet.apply({"params": params["unet"]}, noisy, timesteps, text_context(spec, params, ids))
     per_example = jnp.mean((prediction.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3))
     num_instance = batch["input_ids"].shape[0]
