@@ -2,6 +2,10 @@
 
 from setuptools import find_packages, setup
 
+# Concept photos kept as a tensorflow-datasets collection (mlmjax.tfds_concepts): array_record files,
+# read and written without TensorFlow.
+TFDS = ["tensorflow-datasets>=4.9.10", "array_record>=0.8.6", "importlib_resources"]
+
 setup(
     name="mlmjax",
     version="0.1.0",
@@ -27,6 +31,7 @@ setup(
         "scipy",
         "safetensors>=0.4",
         "pillow",
+        "grain>=0.2.18",
         "tqdm",
         # Tokenizer and config classes only: CLIPTokenizer needs no torch.
         "transformers>=5,<6",
@@ -39,6 +44,8 @@ setup(
             "transformers>=5,<6",
             "pytest",
             "pytest-xdist",
+            *TFDS,  # the tfds: image sources are tested too
         ],
+        "tfds": TFDS,
     },
 )

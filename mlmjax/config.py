@@ -66,9 +66,14 @@ def base_config() -> ml_collections.ConfigDict:
     # ("regex", "train"|"freeze") over "<component>/<flax path>"; the method config fills it.
     c.trainable = [(CONCEPT, "train"), (r".*", "freeze")]
 
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 500  # steps between checkpoints (async); one is always saved at the end. 0: only at the end
+    c.checkpoint.keep = 3  # the newest K checkpoints are kept
+
     c.log_every = 50
     c.sample_steps = 25  # DDIM steps for the samples written at the end of a run
-    c.sample_prompts = ["a photo of a {} on the beach", "a {} wearing a red hat", "a painting of a {}"]
+    # A tuple, so the command line can set it: --config.sample_prompts="('a {} in the snow',)"; () for none.
+    c.sample_prompts = ("a photo of a {} on the beach", "a {} wearing a red hat", "a painting of a {}")
     return c
 
 
@@ -79,10 +84,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
     if config.method not in METHODS:
         fail("method", f"must be one of {METHODS}")
-    for key in ("max_steps", "batch_size", "mlm.batch_size"):
+    for key in ("max_steps", "batch_size", "mlm.batch_size", "log_every", "checkpoint.keep"):
         if config_value(config, key) <= 0:
             fail(key, "must be a positive integer")
-    for key in ("learning_rate", "mlm.weight", "prior.weight", "optimizer.weight_decay", "optimizer.grad_clip"):
+    for key in ("checkpoint.every", "learning_rate", "mlm.weight", "prior.weight", "optimizer.weight_decay", "optimizer.grad_clip"):
         if config_value(config, key) < 0:
             fail(key, "must be non-negative")
     if not 0 < config.mlm.mask_prob < 1:
@@ -95,6 +100,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         fail("compute_dtype", "must be 'float32' or 'bfloat16'")
     if "{}" not in config.prior.prompt:
         fail("prior.prompt", "needs a {} slot for the class noun")
+    for i, prompt in enumerate(config.sample_prompts):
+        if "{}" not in prompt:
+            fail("sample_prompts", f"prompt {i} ({prompt!r}) needs a {{}} slot for the concept")
 
 
 def parse_options(options: str | None, allowed: tuple[str, ...]) -> set[str]:

@@ -2,26 +2,40 @@
 
 The step itself is a jitted pure function; this loop feeds it batches, shows a progress bar with the
 losses and steps/s, appends the logged metrics to ``metrics.jsonl`` (one JSON object per logged step,
-with ``step``) and stops, naming the step, if the loss stops being finite.
+with ``step``), saves checkpoints through a callback, stops cleanly on SIGTERM, and stops, naming the
+step, if the loss stops being finite.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
+import signal
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
+from mlmjax import files
+
 METRICS_FILE = "metrics.jsonl"
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the message names the step."""
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class LoopEnd:
+    state: Any
+    step: int  # steps done
+    preempted: bool  # stopped by SIGTERM (state saved) before max_steps
 
 
 def _to_floats(metrics: dict) -> dict[str, float]:
@@ -34,10 +48,28 @@ def _postfix(metrics: dict[str, float], steps_per_second: float) -> str:
     return " ".join(shown + [f"{steps_per_second:.1f} steps/s"])
 
 
+@contextlib.contextmanager
+def preemption_guard() -> Iterator[threading.Event]:
+    """An event set by SIGTERM (how TPU and SLURM preemption arrive) while the block runs.
+
+    The loop checks it between steps, saves and returns; the previous handler comes back after.
+    Outside the main thread (where Python allows no handlers) the event simply never fires.
+    """
+    event = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield event
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: event.set())
+    try:
+        yield event
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train_loop(
     step_fn: Callable[[Any, dict, jax.Array], tuple[Any, dict]],
     state: Any,
-    make_batch: Callable[[int], dict],
+    batches: Iterator[dict],
     rng: jax.Array,
     *,
     max_steps: int,
@@ -45,39 +77,73 @@ def train_loop(
     log_every: int,
     start_step: int = 0,
     description: str = "train",
-    on_step: Callable[[int, Any], None] | None = None,
-) -> Any:
-    """Runs steps ``start_step .. max_steps-1``; returns the final state.
+    save: Callable[[int, Any], None] | None = None,
+    save_every: int = 0,
+    stop: threading.Event | None = None,
+    last_saved_step: int | None = None,
+) -> LoopEnd:
+    """Runs steps ``start_step .. max_steps-1`` on ``next(batches)``; returns the final state.
 
-    Metrics are fetched from the device only every ``log_every`` steps (and at the last step), so
-    the host never waits on the device in between. ``on_step(step, state)`` runs after each step
-    (checkpointing hooks).
+    Metrics are fetched from the device only every ``log_every`` steps, at save steps and at the
+    last step, so the host never waits on the device in between. ``save(step, state)`` runs every
+    ``save_every`` steps, at the end and when ``stop`` is set (then the loop returns early), each
+    time after the loss and gradient norm of the step that made ``state`` were checked finite: a
+    checkpoint never holds a diverged state. A non-finite loss raises, naming the step and the last
+    good checkpoint. A metrics row is logged at the run's first step and every ``log_every``
+    steps, so a resumed run logs exactly the rows of an uninterrupted one.
     """
     path = os.path.join(workdir, METRICS_FILE)
     bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc=description,
                dynamic_ncols=True, mininterval=1.0)
     last_time, last_step = time.perf_counter(), start_step
+    done, last_finite = start_step, None
     with open(path, "a") as log:
         for step in bar:
-            state, metrics = step_fn(state, make_batch(step), rng)
-            if (step + 1) % log_every == 0 or step + 1 == max_steps or step == start_step:
-                values = _to_floats(metrics)
-                if not math.isfinite(values["loss"]):
-                    raise NonFiniteLossError(f"loss is {values['loss']} at step {step}; lower the learning rate "
-                                             "or check the data (nothing after the last good step was kept)")
+            state, metrics = step_fn(state, next(batches), rng)
+            done = step + 1
+            stopping = stop is not None and stop.is_set()
+            saving = save is not None and (stopping or done == max_steps or (save_every and done % save_every == 0))
+            logging = done % log_every == 0 or done == max_steps or step == 0
+            if not (saving or logging):
+                continue
+            values = _to_floats(metrics)
+            for name in ("loss", "grad_norm"):
+                if name in values and not math.isfinite(values[name]):
+                    kept = "no checkpoint was kept" if last_saved_step is None else \
+                        f"the last good checkpoint is step {last_saved_step}"
+                    since = "" if last_finite is None else f" (finite at step {last_finite}, the previous check)"
+                    raise NonFiniteLossError(f"{name} is {values[name]} at step {done}{since}; {kept}; lower the "
+                                             "learning rate or check the data")
+            last_finite = done
+            if logging:
                 now = time.perf_counter()
-                rate = (step + 1 - last_step) / max(now - last_time, 1e-9)
-                last_time, last_step = now, step + 1
-                log.write(json.dumps({"step": step + 1, **values}) + "\n")
+                rate = (done - last_step) / max(now - last_time, 1e-9)
+                last_time, last_step = now, done
+                log.write(json.dumps({"step": done, **values}) + "\n")
                 log.flush()
                 bar.set_postfix_str(_postfix(values, rate), refresh=False)
-            if on_step is not None:
-                on_step(step + 1, state)
+            if saving:
+                save(done, state)
+                last_saved_step = done
+            if stopping:
+                break
     bar.close()
-    return state
+    return LoopEnd(state=state, step=done, preempted=done < max_steps)
 
 
 def read_metrics(workdir: str) -> list[dict]:
     """The rows of ``metrics.jsonl``."""
-    with open(os.path.join(workdir, METRICS_FILE)) as f:
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(workdir: str, step: int) -> None:
+    """Drops the rows after ``step``: a resumed run re-logs the steps after its checkpoint.
+
+    Rewrites the file atomically, so an interruption here loses nothing.
+    """
+    rows = [row for row in read_metrics(workdir) if row["step"] <= step]
+    files.write_text_atomic(os.path.join(workdir, METRICS_FILE), "".join(json.dumps(row) + "\n" for row in rows))

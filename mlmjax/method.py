@@ -9,6 +9,7 @@ host; the per-step work is in ``train_step.py``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -83,8 +84,17 @@ def _init_embedding(model: Pretrained, tokenizer, word: str, count: int) -> jax.
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """AdamW at a constant rate (no warm-up), with optional global-norm clipping, as the baselines."""
     o = config.optimizer
-    adamw = optax.adamw(config.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-    return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw) if o.grad_clip else adamw
+    return _adamw(float(config.learning_rate), float(o.b1), float(o.b2), float(o.eps), float(o.weight_decay),
+                  float(o.grad_clip))
+
+
+@functools.lru_cache(maxsize=None)
+def _adamw(learning_rate: float, b1: float, b2: float, eps: float, weight_decay: float,
+           grad_clip: float) -> optax.GradientTransformation:
+    # Cached: the transformation is a static part of the train state, compared by identity in jit's
+    # cache, so equal hyperparameters must give the same object for runs to share one executable.
+    adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
 
 
 def _check_trainable(label_tree: dict) -> None:
@@ -95,23 +105,31 @@ def _check_trainable(label_tree: dict) -> None:
                              "embedding are frozen by the method")
 
 
-def build(config: ml_collections.ConfigDict, model: Pretrained, *, concept_images: np.ndarray,
-          class_images: np.ndarray | None, contextualizer_folder: str | None) -> Setup:
-    """The train state and batch function of ``config`` on ``model``.
+@dataclasses.dataclass
+class MethodState:
+    """What a method's config makes of a pretrained model, before any data is read."""
+    state: TrainState
+    label_tree: dict
+    concept_ids: list[int]  # token ids of the concept tokens (vocab_size, vocab_size + 1, ...)
+    concept_tokens: list[str]  # their names: <token>, and for XTI <token>_1 ... <token>_{C-1}
+    concept_phrase: str  # "<token> class_noun", what prompts put in their slot
+    mask_token_id: int
+    max_masked: int
 
-    Args:
-      concept_images: ``[N, R, R, 3]`` in [-1, 1].
-      class_images: the same for prior preservation, or None when ``prior.weight`` is 0.
-      contextualizer_folder: a folder from ``save_contextualizer``; needed when ``mlm.weight`` > 0.
+
+def build_state(config: ml_collections.ConfigDict, model: Pretrained, *,
+                contextualizer_folder: str | None) -> MethodState:
+    """The train state of ``config`` on ``model``; adds the concept tokens to ``model.tokenizer``.
+
+    With ``mlm.weight`` 0 no contextualizer is read (inference and export build the state this way:
+    the MLM branch never holds trainable parameters).
     """
     tokenizer = model.tokenizer
     text_config = model.text_encoder.config
     num_tokens = num_concept_tokens(config, model.unet.config)
     concept_ids = _concept_tokens(tokenizer, config, num_tokens, text_config.vocab_size)
-    class_noun = config.concept.class_noun
-    init_word = config.concept.init_word or class_noun
-    params = dict(model.params)
-    del params["vae"]  # the VAE runs once, below, to cache the moments
+    init_word = config.concept.init_word or config.concept.class_noun
+    params = {name: value for name, value in model.params.items() if name != "vae"}
     params["concept"] = {"embeddings": _init_embedding(model, tokenizer, init_word, num_tokens)}
 
     contextualizer, max_masked = None, 0
@@ -123,9 +141,8 @@ def build(config: ml_collections.ConfigDict, model: Pretrained, *, concept_image
             raise ValueError(f"{contextualizer_folder}: contextualizer width {contextualizer.config.hidden_size} "
                              f"does not match the text encoder's {text_config.hidden_size}")
         params["mlm"] = {"contextualizer": ctx_params, "mask_embedding": mask_embedding}
-        prompt_set = _prompt_set(config)
         copies = num_tokens if config.method == "xti" else 1
-        longest = _longest_prompt(prompt_set, tokenizer, _mlm_phrase(config))
+        longest = _longest_prompt(_prompt_set(config), tokenizer, _mlm_phrase(config))
         max_masked = mlm.masked_token_bound(config.mlm.batch_size * copies * longest, config.mlm.mask_prob)
 
     label_tree = trainable.labels(params, [tuple(rule) for rule in config.trainable])
@@ -142,15 +159,36 @@ def build(config: ml_collections.ConfigDict, model: Pretrained, *, concept_image
         prior_weight=float(config.prior.weight), mlm_weight=float(config.mlm.weight),
         max_masked=max_masked, learning_rate=float(config.learning_rate))
     state = TrainState.create(params=trainable_params, frozen=frozen, spec=spec, tx=optimizer(config))
+    return MethodState(
+        state=state, label_tree=label_tree, concept_ids=concept_ids,
+        concept_tokens=tokenizer.convert_ids_to_tokens(concept_ids),
+        concept_phrase=f"{config.concept.token} {config.concept.class_noun}".strip(),
+        mask_token_id=text_config.vocab_size + num_tokens, max_masked=max_masked)
 
-    concept_phrase = f"{config.concept.token} {class_noun}".strip()
+
+def batch_function(config: ml_collections.ConfigDict, model: Pretrained, built: MethodState, *,
+                   concept_images: np.ndarray, class_images: np.ndarray | None) -> Callable[[int], dict]:
+    """``step -> batch`` for the state :func:`build_state` made; encodes every image once with the VAE.
+
+    Args:
+      concept_images: ``[N, R, R, 3]`` in [-1, 1].
+      class_images: the same for prior preservation, or None when ``prior.weight`` is 0.
+    """
     concept_moments = data_lib.encode_moments(model.vae, model.params["vae"], concept_images)
     class_moments = (None if class_images is None
                      else data_lib.encode_moments(model.vae, model.params["vae"], class_images))
-    make_batch = _batch_maker(config, tokenizer, concept_ids, concept_phrase, concept_moments, class_moments,
-                              mask_token_id=text_config.vocab_size + num_tokens, max_masked=max_masked)
-    return Setup(model=model, state=state, make_batch=make_batch, concept_phrase=concept_phrase,
-                 label_tree=label_tree)
+    return _batch_maker(config, model.tokenizer, built.concept_ids, built.concept_phrase, concept_moments,
+                        class_moments, mask_token_id=built.mask_token_id, max_masked=built.max_masked)
+
+
+def build(config: ml_collections.ConfigDict, model: Pretrained, *, concept_images: np.ndarray,
+          class_images: np.ndarray | None, contextualizer_folder: str | None) -> Setup:
+    """:func:`build_state` and :func:`batch_function` together (``contextualizer_folder``: a folder
+    from ``save_contextualizer``, needed when ``mlm.weight`` > 0)."""
+    built = build_state(config, model, contextualizer_folder=contextualizer_folder)
+    make_batch = batch_function(config, model, built, concept_images=concept_images, class_images=class_images)
+    return Setup(model=model, state=built.state, make_batch=make_batch, concept_phrase=built.concept_phrase,
+                 label_tree=built.label_tree)
 
 
 def _prompt_set(config: ml_collections.ConfigDict) -> prompts_lib.PromptSet:

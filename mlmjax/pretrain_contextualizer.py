@@ -295,9 +295,10 @@ def train(setup: Setup, config: ml_collections.ConfigDict, workdir: str) -> tupl
     eval_fn = jax.jit(evaluate)
     before = _floats(eval_fn(setup.state, setup.heldout))
     print(f"held-out before: loss {before['loss']:.4f}, masked accuracy {before['mlm_accuracy']:.4f}")
-    state = loop_lib.train_loop(jax.jit(pretrain_step, donate_argnums=0), setup.state, setup.make_batch,
-                                jax.random.key(config.seed), max_steps=config.max_steps, workdir=workdir,
-                                log_every=config.log_every, description="contextualizer")
+    state = loop_lib.train_loop(jax.jit(pretrain_step, donate_argnums=0), setup.state,
+                                map(setup.make_batch, itertools.count()), jax.random.key(config.seed),
+                                max_steps=config.max_steps, workdir=workdir, log_every=config.log_every,
+                                description="contextualizer").state
     after = _floats(eval_fn(state, setup.heldout))
     print(f"held-out after:  loss {after['loss']:.4f}, masked accuracy {after['mlm_accuracy']:.4f}")
     with open(os.path.join(workdir, HELDOUT_FILE), "w") as f:

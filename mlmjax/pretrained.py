@@ -15,7 +15,6 @@ Weights may be fp32 or fp16, single files or sharded with an index; pickles are 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlmjax import files
 from mlmjax import tokenizer as tokenizer_lib
 from mlmjax import weights
 from mlmjax.models import clip_text, unet, vae
@@ -89,16 +89,7 @@ class Pretrained:
 
 
 def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise WeightsError(f"{path}: file not found; is this a diffusers-layout Stable Diffusion folder?")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except ValueError as error:
-        raise WeightsError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise WeightsError(f"{path}: expected a JSON object")
-    return data
+    return files.read_json_object(path, WeightsError, "is this a diffusers-layout Stable Diffusion folder?")
 
 
 def build_component(component: str, config: dict, dtype=jnp.float32, source: str = "config"):
@@ -191,9 +182,22 @@ def _model_index(scheduler_config: dict) -> dict:
 
 
 def _write_json(path: str, data: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+    files.write_json_atomic(path, data)
+
+
+def save_component(folder: str, component: str, module, params: dict, *, dtype=np.float32) -> None:
+    """Writes one network's ``config.json`` and weights into ``folder``, as :func:`load_component` reads them.
+
+    The config is the module's, so a module cloned with a changed config (e.g. a text encoder whose
+    vocabulary grew by added tokens) is written consistently with its parameters.
+    """
+    spec = _COMPONENTS[component]
+    os.makedirs(folder, exist_ok=True)
+    _write_json(os.path.join(folder, "config.json"), module.config.to_dict())
+    state_dict = weights.state_dict_from_params(params, dtype=dtype)
+    export_key = getattr(spec.module, "export_checkpoint_key", lambda key: key)
+    weights.write_safetensors(os.path.join(folder, spec.weights_name),
+                              {export_key(k): v for k, v in state_dict.items()})
 
 
 def save_pretrained(path: str, model: Pretrained, params: dict | None = None, *,
@@ -213,15 +217,8 @@ def save_pretrained(path: str, model: Pretrained, params: dict | None = None, *,
     staging = tempfile.mkdtemp(prefix=".mlmjax-save-", dir=parent)
     try:
         _write_json(os.path.join(staging, "model_index.json"), _model_index(model.scheduler_config))
-        for name, spec in _COMPONENTS.items():
-            folder = os.path.join(staging, name)
-            os.makedirs(folder)
-            module = getattr(model, name)
-            _write_json(os.path.join(folder, "config.json"), module.config.to_dict())
-            state_dict = weights.state_dict_from_params(params[name], dtype=dtype)
-            export_key = getattr(spec.module, "export_checkpoint_key", lambda key: key)
-            state_dict = {export_key(k): v for k, v in state_dict.items()}
-            weights.write_safetensors(os.path.join(folder, spec.weights_name), state_dict)
+        for name in _COMPONENTS:
+            save_component(os.path.join(staging, name), name, getattr(model, name), params[name], dtype=dtype)
         os.makedirs(os.path.join(staging, "scheduler"))
         _write_json(os.path.join(staging, "scheduler", "scheduler_config.json"), model.scheduler_config)
         model.tokenizer.save_pretrained(os.path.join(staging, "tokenizer"))

@@ -14,6 +14,10 @@ each step is then one affine update in JAX, the same function for both scheduler
 The whole loop (text encoding, every UNet call, the VAE decode) is one ``jax.jit``, compiled once per
 shapes and static options and shared by both schedulers; the batch is sharded over all devices when
 there are several.
+
+Seeds: ``generate`` takes one key for the whole batch, or one key per image (:func:`image_keys`). With
+per-image keys an image's noise depends on its own key only, so it does not change with how many other
+images share its batch, and a batch can be regenerated alone (class images resume this way).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from mlmjax import tokenizer as tokenizer_lib
 from mlmjax.models.vae import AutoencoderKL
 from mlmjax.noise_schedule import NoiseSchedule
+from mlmjax.pretrained import Pretrained
 from mlmjax.train_step import StepSpec, text_context
 
 SCHEDULERS = ("ddim", "ddpm")
@@ -160,15 +165,24 @@ def _sample(params: dict, vae_params: dict, prompt_ids: jax.Array, negative_ids:
             clip_sample_range: float | None, batch_sharding: NamedSharding | None) -> jax.Array:
     """Images in [-1, 1] for the (possibly padded) batch; noise is drawn for ``num_images`` only, so
     padding for sharding changes no real image. DDIM draws step noise too (its coefficient is 0): one
-    executable serves both schedulers, and a draw costs nothing next to a UNet call."""
+    executable serves both schedulers, and a draw costs nothing next to a UNet call.
+
+    ``rng`` is one key (the batch's noise drawn at once) or ``[num_images]`` keys (each image's own)."""
     batch = prompt_ids.shape[0]
+    per_image = rng.ndim == 1
+    split = jax.vmap(jax.random.split) if per_image else jax.random.split
+    fold_in = jax.vmap(jax.random.fold_in, in_axes=(0, None)) if per_image else jax.random.fold_in
 
     def draw(key: jax.Array) -> jax.Array:
-        x = jax.random.normal(key, (num_images, *latent_shape), jnp.float32)
+        if per_image:
+            x = jax.vmap(lambda k: jax.random.normal(k, latent_shape, jnp.float32))(key)
+        else:
+            x = jax.random.normal(key, (num_images, *latent_shape), jnp.float32)
         x = jnp.pad(x, [(0, batch - num_images)] + [(0, 0)] * len(latent_shape))
         return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
 
-    init_rng, noise_rng = jax.random.split(rng)
+    keys = split(rng)
+    init_rng, noise_rng = keys[..., 0], keys[..., 1]
     # One text encoding of the interleaved ids also interleaves XTI's [layers, B, L, D] contexts.
     context = text_context(spec, params, _interleave(negative_ids, prompt_ids) if guided else prompt_ids)
 
@@ -181,7 +195,7 @@ def _sample(params: dict, vae_params: dict, prompt_ids: jax.Array, negative_ids:
         return uncond + guidance_scale * (cond - uncond)
 
     latents = denoise(model_fn, draw(init_rng), timesteps, coefficients,
-                      noise_fn=lambda i: draw(jax.random.fold_in(noise_rng, i)), clip_sample_range=clip_sample_range)
+                      noise_fn=lambda i: draw(fold_in(noise_rng, i)), clip_sample_range=clip_sample_range)
     images = vae.apply({"params": vae_params}, latents / spec.scaling_factor, method=AutoencoderKL.decode)
     return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
 
@@ -192,6 +206,21 @@ def _jitted_sampler(compiler_options: tuple[tuple[str, Any], ...]) -> Callable:
     return jax.jit(_sample, static_argnames=("spec", "vae", "num_images", "latent_shape", "guided",
                                              "clip_sample_range", "batch_sharding"),
                    compiler_options=dict(compiler_options) or None)
+
+
+def plain_spec(model: Pretrained) -> StepSpec:
+    """The spec that samples ``model`` as it is (no concept, no MLM), e.g. for class images."""
+    schedule = NoiseSchedule.from_config(model.scheduler_config)
+    return StepSpec(text_encoder=model.text_encoder, unet=model.unet, contextualizer=None,
+                    prediction_type=schedule.prediction_type, scaling_factor=float(model.vae.config.scaling_factor),
+                    alphas_cumprod=tuple(float(a) for a in schedule.alphas_cumprod))
+
+
+def image_keys(seed: int, group: int, indices: Sequence[int]) -> jax.Array:
+    """``[len(indices)]`` keys, one per image: ``key(seed)`` folded with ``group`` (e.g. a prompt's
+    index), then with the image's index. Image (group, i) gets the same key whatever else is sampled."""
+    base = jax.random.fold_in(jax.random.key(seed), group)
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.asarray(indices, jnp.uint32))
 
 
 def empty_prompt_ids(tokenizer: Any, count: int) -> np.ndarray:
@@ -211,6 +240,7 @@ def generate(spec: StepSpec, params: dict, vae: AutoencoderKL, vae_params: dict,
         ``concept``); prompts use token id ``vocab_size`` (+k for XTI) for the concept. Without
         ``concept`` the model samples as the plain pretrained one (e.g. prior images).
       prompt_ids: ``[N, 77]`` int.
+      rng: one key for the batch, or ``[N]`` keys, one per image (see :func:`image_keys`).
       negative_ids: ``[N, 77]`` or ``[1, 77]`` unconditional ids; default the empty prompt tokenized by
         ``tokenizer`` (default the vendored SD 1.x tokenizer; SD 2.x pads differently, pass its own).
       guidance_scale: 1 skips the unconditional half; any other value applies
@@ -219,12 +249,18 @@ def generate(spec: StepSpec, params: dict, vae: AutoencoderKL, vae_params: dict,
       compiler_options: XLA options for the one executable, e.g. ``{"xla_backend_optimization_level": 0}``
         to halve compile time on CPU when the run is short.
 
-    The same ``rng`` gives the same images. With several devices (one process) the batch is padded to a
-    multiple of their count and sharded; the images equal one device's up to float rounding.
+    The same ``rng`` gives the same images. With one key per image, image i's noise depends on
+    ``rng[i]`` alone; its pixels then depend on the rest of the batch only through float rounding
+    (bitwise equal when the batch is the same size). With several devices (one process) the batch is
+    padded to a multiple of their count and sharded; the images equal one device's up to float rounding.
     """
     schedule = make_schedule(scheduler_config, scheduler, num_steps)
     prompt_ids = np.asarray(prompt_ids, np.int32)
     num_images = prompt_ids.shape[0]
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng)  # legacy uint32 keys: [2] is one key, not two
+    if rng.ndim > 1 or (rng.ndim == 1 and rng.shape[0] != num_images):
+        raise ValueError(f"rng: expected one key or {num_images} keys (one per prompt); got shape {rng.shape}")
     guided = guidance_scale != 1
     if negative_ids is None:
         negative_ids = empty_prompt_ids(tokenizer or tokenizer_lib.vendored_tokenizer(), 1)
@@ -262,15 +298,31 @@ def _check_uint8(images: np.ndarray) -> np.ndarray:
     return images
 
 
-def save_images(images: np.ndarray, folder: str, prefix: str) -> list[str]:
-    """One PNG per image, ``{folder}/{prefix}_{i:04d}.png``; returns the paths."""
+def save_png(image: np.ndarray, path: str) -> None:
+    """Writes one ``[H, W, 3]`` uint8 image; the file appears complete or not at all.
+
+    The PNG goes to a hidden temporary name in the same folder and is renamed into place, so a process
+    killed mid-write leaves no truncated ``.png`` that a later reader would take for an image.
+    """
     from PIL import Image
 
+    folder, name = os.path.split(path)
+    temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        Image.fromarray(image).save(temporary, format="PNG")
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def save_images(images: np.ndarray, folder: str, prefix: str) -> list[str]:
+    """One PNG per image, ``{folder}/{prefix}_{i:04d}.png``; returns the paths."""
     os.makedirs(folder, exist_ok=True)
     paths = []
     for i, image in enumerate(_check_uint8(images)):
         paths.append(os.path.join(folder, f"{prefix}_{i:04d}.png"))
-        Image.fromarray(image).save(paths[-1])
+        save_png(image, paths[-1])
     return paths
 
 
@@ -286,9 +338,7 @@ def make_grid(images: np.ndarray, columns: int) -> np.ndarray:
 
 def save_grid(images: np.ndarray, folder: str, columns: int, name: str = "grid.png") -> str:
     """Writes :func:`make_grid` as one PNG and returns its path."""
-    from PIL import Image
-
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, name)
-    Image.fromarray(make_grid(images, columns)).save(path)
+    save_png(make_grid(images, columns), path)
     return path

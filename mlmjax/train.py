@@ -22,22 +22,27 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
+from mlmjax import class_images as class_images_lib
 from mlmjax import config as config_lib
 from mlmjax import data as data_lib
 from mlmjax import loop as loop_lib
 from mlmjax import method as method_lib
 from mlmjax import pretrain_contextualizer
 from mlmjax import pretrained as pretrained_lib
-from mlmjax import sampling
+from mlmjax import resumable
+from mlmjax import runtime
+from mlmjax import sample as sample_lib
 from mlmjax import tiny
-from mlmjax import tokenizer as tokenizer_lib
 from mlmjax import train_step as train_step_lib
 from mlmjax import trainable
+from mlmjax import workdir as workdir_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a method config, e.g. configs/ti.py", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "where config, metrics and samples are written")
 
-CONFIG_FILE = "config.json"
+CLASS_IMAGES_DIR = "class_images"
+
+# One jitted step for the process: runs with equal specs (a resumed run, a sweep in one process)
+# share its compilation cache.
+_jitted_train_step = jax.jit(train_step_lib.train_step, donate_argnums=0)
 
 
 def _resolve_embedded(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -53,60 +58,79 @@ def _resolve_embedded(config: ml_collections.ConfigDict) -> ml_collections.Confi
     return config
 
 
-def _prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-    if os.path.exists(os.path.join(workdir, loop_lib.METRICS_FILE)):
-        raise FileExistsError(f"{workdir}: holds a previous run (metrics.jsonl); choose a new --workdir")
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        f.write(config.to_json(indent=2, sort_keys=True) + "\n")
+def _write_samples(model: pretrained_lib.Pretrained, state: train_step_lib.TrainState, built: method_lib.MethodState,
+                   config: ml_collections.ConfigDict, workdir: str, step: int) -> None:
+    """One image per ``sample_prompts`` entry with the learned concept, in ``workdir/samples/step_<K>``
+    (what ``python -m mlmjax.sample`` writes; skipped if that folder exists, e.g. a finished run rerun)."""
+    out = os.path.join(workdir, "samples", f"step_{step}")
+    if os.path.exists(out):
+        return
+    run = workdir_lib.TrainedRun(workdir=workdir, step=step, config=config, model=model, spec=state.spec,
+                                 params=trainable.merge(state.params, state.frozen), trained=state.params,
+                                 concept_tokens=built.concept_tokens, concept_phrase=built.concept_phrase)
+    sample_lib.sample_run(run, list(config.sample_prompts), out=out, num_images=1, scheduler="ddim",
+                          steps=config.sample_steps, guidance=7.5, seed=config.seed)
 
 
-def _write_samples(setup: method_lib.Setup, config: ml_collections.ConfigDict, workdir: str,
-                   params: dict) -> None:
-    """A few context prompts with the learned concept, as PNGs and one grid, in ``workdir/samples``."""
-    prompts = [p.format(setup.concept_phrase) for p in config.sample_prompts]
-    tokenizer = setup.model.tokenizer
-    ids = tokenizer_lib.tokenize(tokenizer, prompts).astype(np.int32)
-    latent_hw = (config.resolution // setup.model.vae_scale_factor,) * 2
-    images = sampling.generate(setup.state.spec, params, setup.model.vae, setup.model.params["vae"], ids,
-                               jax.random.key(config.seed), scheduler_config=setup.model.scheduler_config,
-                               tokenizer=tokenizer, scheduler="ddim", num_steps=config.sample_steps,
-                               guidance_scale=7.5, latent_hw=latent_hw)
-    images = sampling.to_uint8(images)
-    folder = os.path.join(workdir, "samples")
-    sampling.save_images(images, folder, "sample")
-    sampling.save_grid(images, folder, columns=len(images))
-    with open(os.path.join(folder, "prompts.txt"), "w") as f:
-        f.write("\n".join(prompts) + "\n")
+def _read_inputs(config: ml_collections.ConfigDict) -> tuple[pretrained_lib.Pretrained, np.ndarray]:
+    """The base model and the concept photos; every user error here comes before anything is written."""
+    model = pretrained_lib.load_pretrained(config.pretrained)
+    if not config.concept.images:
+        raise ValueError("config.concept.images is empty; point it at a folder of photos of the concept "
+                         "(or a TFDS concept, tfds:NAME/CONCEPT@DATA_DIR)")
+    if not config.concept.class_noun:
+        raise ValueError("config.concept.class_noun is empty; name the concept's class, e.g. 'dog'")
+    if config.mlm.weight and not config.mlm.contextualizer:
+        raise ValueError("config.mlm.weight > 0 needs config.mlm.contextualizer (a contextualizer folder)")
+    config.resolution = config.resolution or model.resolution
+    return model, data_lib.load_images(config.concept.images, config.resolution)
+
+
+def _class_images(config: ml_collections.ConfigDict, model: pretrained_lib.Pretrained, workdir: str,
+                  model_hash: str) -> np.ndarray | None:
+    """The prior-preservation images: the configured folder, or generated once into the workdir."""
+    if not config.prior.weight:
+        return None
+    folder = config.prior.images or class_images_lib.ensure_class_images(
+        model, os.path.join(workdir, CLASS_IMAGES_DIR), prompt=config.prior.prompt.format(config.concept.class_noun),
+        count=config.prior.num_images, resolution=config.resolution, seed=config.seed, model_fingerprint=model_hash)
+    return data_lib.load_images(folder, config.resolution)[: config.prior.num_images]
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs a customization described by ``config`` in ``workdir``; returns the last logged metrics."""
+    """Runs, or resumes, the customization described by ``config`` in ``workdir``.
+
+    A new (or empty) workdir starts the run; a workdir holding the same run (same config but for
+    :data:`mlmjax.workdir.RESUMABLE` fields, same input contents) continues from its latest
+    checkpoint, bit for bit as if it had never stopped; any other workdir is refused. SIGTERM saves
+    a checkpoint and returns. Returns the last logged metrics.
+    """
     config_lib.validate(config)
     config = _resolve_embedded(config)
-    model = pretrained_lib.load_pretrained(config.pretrained)
-    if not config.concept.images:
-        raise ValueError("config.concept.images is empty; point it at a folder of photos of the concept")
-    if not config.concept.class_noun:
-        raise ValueError("config.concept.class_noun is empty; name the concept's class, e.g. 'dog'")
-    config.resolution = config.resolution or model.resolution
-    concept_images = data_lib.load_images(config.concept.images, config.resolution)
-    class_images = None
-    if config.prior.weight:
-        if not config.prior.images:
-            raise ValueError("config.prior.weight > 0 needs config.prior.images, a folder of class images")
-        class_images = data_lib.load_images(config.prior.images, config.resolution)[: config.prior.num_images]
-    setup = method_lib.build(config, model, concept_images=concept_images, class_images=class_images,
-                             contextualizer_folder=config.mlm.contextualizer or None)
-    _prepare_workdir(workdir, config)
-    step_fn = jax.jit(train_step_lib.train_step, donate_argnums=0)
-    state = loop_lib.train_loop(step_fn, setup.state, setup.make_batch, jax.random.key(config.seed),
-                                max_steps=config.max_steps, workdir=workdir, log_every=config.log_every,
-                                description=config.method)
-    setup.state = state
-    if config.sample_prompts:
-        _write_samples(setup, config, workdir, trainable.merge(state.params, state.frozen))
+    model, concept_images = _read_inputs(config)
+    hashes = workdir_lib.fingerprints(config)
+    run_identity = workdir_lib.identity(config, hashes)
+    saved = workdir_lib.read_identity(workdir)
+    if saved is not None:
+        workdir_lib.check_same_run(saved, run_identity, workdir)
+    built = method_lib.build_state(config, model, contextualizer_folder=config.mlm.contextualizer or None)
+    # Every user error is behind us: from here on the workdir is written.
+    workdir_lib.write_run_files(workdir, config, run_identity)
+    make_batch = method_lib.batch_function(config, model, built, concept_images=concept_images,
+                                           class_images=_class_images(config, model, workdir, hashes["pretrained"]))
+    end = resumable.run(_jitted_train_step, built.state, make_batch, workdir=workdir, run_identity=run_identity,
+                        seed=config.seed, max_steps=config.max_steps, log_every=config.log_every,
+                        checkpoint_every=config.checkpoint.every, keep=config.checkpoint.keep,
+                        description=config.method)
+    if config.sample_prompts and not end.preempted:
+        _write_samples(model, end.state, built, config, workdir, end.step)
     return loop_lib.read_metrics(workdir)[-1]
+
+
+def define_flags() -> None:
+    """The command's flags; defined only when it runs, so importing this module defines none."""
+    config_flags.DEFINE_config_file("config", None, "a method config, e.g. configs/ti.py", lock_config=True)
+    flags.DEFINE_string("workdir", None, "where config, metrics, checkpoints and samples are written")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -124,9 +148,10 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config, workdir = _CONFIG.value, _WORKDIR.value
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
     if config is None or not workdir:
         raise app.UsageError("--config and --workdir are required")
+    runtime.start_command()
     try:
         if config.get("method") == "contextualizer":
             pretrain_contextualizer.run(config, workdir)
@@ -140,4 +165,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=_parse_flags)

@@ -27,9 +27,13 @@ def test_ti_with_mlm_runs_end_to_end_on_the_embedded_default(tmp_path):
     assert last["loss"] == pytest.approx(last["loss_diff"] + 1e-5 * last["loss_mlm"], rel=1e-5)
     saved = json.load(open(os.path.join(workdir, "config.json")))
     assert saved["mlm"]["weight"] == 1e-5 and saved["concept"]["class_noun"] == "teapot"
-    samples = sorted(os.listdir(os.path.join(workdir, "samples")))
-    assert samples == ["grid.png", "prompts.txt", "sample_0000.png", "sample_0001.png", "sample_0002.png"]
-    with pytest.raises(FileExistsError, match="holds a previous run"):
+    samples = sorted(os.listdir(os.path.join(workdir, "samples", "step_4")))
+    assert samples == ["grid.png", "prompt000_0000.png", "prompt001_0000.png", "prompt002_0000.png", "prompts.txt",
+                       "samples.json"]
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["4"]  # checkpoint.every 500: the final one
+    assert train_lib.train(config, workdir) == last  # the same command again: already done
+    config.seed = 1
+    with pytest.raises(ValueError, match="holds another run: config.seed: 7777 there, 1 now"):
         train_lib.train(config, workdir)
 
 
@@ -52,3 +56,83 @@ def test_bad_input_gets_one_line_and_a_nonzero_exit(tmp_path, flags, message):
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not workdir.exists()  # nothing written
+
+
+def _bad_photo_folder(root, kind: str) -> str:
+    """A folder of good embedded photos plus one bad file of ``kind`` (or just empty)."""
+    import shutil
+
+    from PIL import Image
+
+    from mlmjax import tiny
+
+    folder = root / kind
+    if kind == "empty":
+        folder.mkdir()
+        return str(folder)
+    shutil.copytree(tiny.embedded_assets().concept_images, folder)
+    good = (folder / "concept_00.png").read_bytes()
+    if kind == "truncated":
+        (folder / "broken.png").write_bytes(good[: len(good) // 2])
+    elif kind == "not_an_image":
+        (folder / "notes.jpg").write_text("these are my notes, not a photo")
+    elif kind == "small":
+        Image.new("RGB", (16, 24), "red").save(folder / "thumbnail.png")
+    return str(folder)
+
+
+def _mismatched_model(root) -> str:
+    """The embedded model with a UNet config that its weights do not fit."""
+    import shutil
+
+    from mlmjax import tiny
+
+    folder = root / "model"
+    shutil.copytree(tiny.embedded_assets().model, folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    config["cross_attention_dim"] = 48
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "empty: no images (.jpg, .jpeg, .png, .webp, .bmp) in the folder"),
+    ("truncated", "broken.png: corrupt or truncated image"),
+    ("not_an_image", "notes.jpg: not an image file"),
+    ("small", "thumbnail.png: 16x24 pixels is smaller than the training resolution 32x32"),
+    ("mismatched_model", "unet"),
+    ("sample_prompt_without_slot", "config.sample_prompts=('a painting',): prompt 0 ('a painting') needs a {} slot"),
+    ("prior_prompt_without_slot", "config.prior.prompt='a picture': needs a {} slot"),
+    ("negative_steps", "config.max_steps=-5: must be a positive integer"),
+    ("not_a_run", "is not empty and holds no mlmjax run"),
+])
+def test_every_bad_input_is_one_clear_error_before_anything_is_written(tmp_path, case, message):
+    """In process (the CLI turns each of these ValueErrors into one line and exit status 2, as the
+    subprocess test above shows): the error names the file or key, and the workdir is untouched."""
+    config = load_config("ti")
+    config.concept.token, config.concept.class_noun = "<concept>", ""
+    workdir = tmp_path / "run"
+    if case in ("empty", "truncated", "not_an_image", "small"):
+        config.concept.images = _bad_photo_folder(tmp_path, case)
+    elif case == "mismatched_model":
+        from mlmjax import tiny
+
+        embedded = tiny.embedded_assets()
+        config.pretrained = _mismatched_model(tmp_path)
+        config.concept.images, config.concept.class_noun = embedded.concept_images, embedded.class_noun
+        config.mlm.contextualizer = embedded.contextualizer
+    elif case == "sample_prompt_without_slot":
+        config.sample_prompts = ("a painting",)
+    elif case == "prior_prompt_without_slot":
+        config.prior.prompt = "a picture"
+    elif case == "negative_steps":
+        config.max_steps = -5
+    elif case == "not_a_run":
+        workdir.mkdir()
+        (workdir / "thesis.tex").write_text("keep me")
+    before = sorted(p.name for p in workdir.iterdir()) if workdir.exists() else None
+    with pytest.raises(ValueError) as error:
+        train_lib.train(config, str(workdir))
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+    assert (sorted(p.name for p in workdir.iterdir()) if workdir.exists() else None) == before

@@ -97,13 +97,7 @@ def _forward_and_context_grad(module, params, sample, timesteps, context, cotang
     return out, vjp(cotangent)[0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded_torch():
-    """PyTorch's intra-op threads slow tiny models down by 10-30x on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 
 def _torch_sample(sample):

@@ -1,0 +1,57 @@
+"""The stream of training batches: a grain pipeline over step numbers, with a checkpointable position.
+
+A batch is a pure function of (seed, step) (``method.make_batch``), so the pipeline is simply
+``step -> make_batch(step) -> this process's rows``, prefetched by a few host threads while the
+device runs the previous step. Its iterator state (``{"next_index": step}``) goes into every
+checkpoint; restoring it makes a resumed run draw exactly the batches an uninterrupted run draws.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import grain
+
+from mlmjax import data as data_lib
+
+# Steps are indices into an endless range: raising max_steps on resume changes nothing upstream.
+_ENDLESS = 2**62
+
+
+def process_rows(batch: dict, process_index: int, process_count: int) -> dict:
+    """This process's share of a global batch (:func:`mlmjax.data.process_share` of every array).
+
+    Every process computes the same global batch from (seed, step) on the host, which is cheap (the
+    images are cached moments), and keeps only its rows: no host holds or sends another's examples.
+    """
+    if process_count == 1:
+        return batch
+    return {name: array[data_lib.process_share(array.shape[0], process_index, process_count)]
+            for name, array in batch.items()}
+
+
+def batch_iterator(make_batch: Callable[[int], dict], *, start_step: int = 0, process_index: int = 0,
+                   process_count: int = 1, threads: int = 2, prefetch: int = 4) -> grain.DatasetIterator:
+    """An iterator over this process's batches from ``start_step`` on.
+
+    Its ``get_state()``/``set_state()`` (JSON-serialisable) record and restore the position.
+    """
+    dataset = grain.MapDataset.range(_ENDLESS).map(
+        lambda step: process_rows(make_batch(int(step)), process_index, process_count))
+    iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)))
+    if start_step:
+        iterator.set_state({"next_index": int(start_step)})
+    return iterator
+
+
+def position(iterator: grain.DatasetIterator) -> int:
+    """The step of the next batch the iterator yields."""
+    return int(iterator.get_state()["next_index"])
+
+
+def restore(iterator: grain.DatasetIterator, state: dict, step: int) -> None:
+    """Puts ``iterator`` where the checkpoint of ``step`` left it; refuses a state from elsewhere."""
+    iterator.set_state(state)
+    if position(iterator) != step:
+        raise ValueError(f"the checkpoint of step {step} holds a batch-iterator state at step "
+                         f"{position(iterator)}; the checkpoint is inconsistent, restore an earlier one")

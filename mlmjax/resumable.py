@@ -1,0 +1,76 @@
+"""A training run that checkpoints and resumes: customization and contextualizer pretraining share it.
+
+The state is any flax struct with ``step``, ``params`` (what trains), ``opt_state`` and ``frozen``
+(referenced, never checkpointed). A fresh run starts at step 0; a workdir with checkpoints continues
+from the latest, after checking that it holds the same run (``workdir.check_same_run``), with the
+batch iterator and the run's key restored, so the rest of the run is bitwise what an uninterrupted run
+would have done. SIGTERM saves and returns early (``LoopEnd.preempted``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from mlmjax import checkpoint as checkpoint_lib
+from mlmjax import loop as loop_lib
+from mlmjax import pipeline
+from mlmjax import workdir as workdir_lib
+
+
+def _start_or_resume(state: Any, make_batch: Callable[[int], dict], checkpointer: checkpoint_lib.Checkpointer,
+                     run_identity: dict, workdir: str, seed: int):
+    """(state, start step, run key, batch iterator): fresh, or restored from the latest checkpoint."""
+    rng = jax.random.key(seed)
+    batches = pipeline.batch_iterator(make_batch)
+    # Fresh and restored states are both committed to the device, so a resumed run reuses the
+    # executable of an uninterrupted one instead of recompiling for other input placements.
+    device = jax.devices()[0]
+    state = jax.device_put(state, device)
+    step = checkpointer.latest_step()
+    if step is None:
+        if os.path.exists(os.path.join(workdir, loop_lib.METRICS_FILE)):
+            loop_lib.truncate_metrics(workdir, 0)  # stopped before its first checkpoint: start over
+        return state, 0, rng, batches
+    workdir_lib.check_same_run(checkpointer.read_run(step), run_identity, f"{checkpointer.directory}/{step}")
+    restored = checkpointer.restore(step, params=state.params, opt_state=state.opt_state)
+    state = jax.device_put(state.replace(step=jnp.asarray(step, jnp.int32), params=restored["params"],
+                                         opt_state=restored["opt_state"]), device)
+    pipeline.restore(batches, restored["data"], step)
+    loop_lib.truncate_metrics(workdir, step)
+    print(f"resuming {workdir} from its checkpoint at step {step}", file=sys.stderr, flush=True)
+    return state, step, restored["rng"], batches
+
+
+def run(step_fn: Callable[[Any, dict, jax.Array], tuple[Any, dict]], state: Any, make_batch: Callable[[int], dict],
+        *, workdir: str, run_identity: dict, seed: int, max_steps: int, log_every: int, checkpoint_every: int,
+        keep: int, description: str) -> loop_lib.LoopEnd:
+    """Runs (or resumes) ``step_fn`` to ``max_steps`` in ``workdir``, which must already hold ``run.json``.
+
+    Saves every ``checkpoint_every`` steps (0: only at the end), at the end and on SIGTERM.
+    """
+    checkpointer = checkpoint_lib.Checkpointer(workdir, keep=keep)
+    try:
+        state, start_step, rng, batches = _start_or_resume(state, make_batch, checkpointer, run_identity, workdir,
+                                                           seed)
+
+        def save(step: int, state: Any) -> None:
+            checkpointer.save(step, params=state.params, opt_state=state.opt_state, rng=rng,
+                              data=batches.get_state(), run=run_identity)
+
+        with loop_lib.preemption_guard() as preempted:
+            end = loop_lib.train_loop(step_fn, state, batches, rng, max_steps=max_steps, workdir=workdir,
+                                      log_every=log_every, start_step=start_step, description=description,
+                                      save=save, save_every=checkpoint_every, stop=preempted,
+                                      last_saved_step=checkpointer.latest_step())
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+    if end.preempted:
+        print(f"stopped by SIGTERM after step {end.step}; checkpoint saved; run the same command to resume",
+              file=sys.stderr, flush=True)
+    return end

@@ -1,0 +1,42 @@
+"""Process-wide JAX settings that every mlmjax command applies before it compiles anything."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+CACHE_ENV = "MLMJAX_COMPILATION_CACHE"
+
+
+def enable_compilation_cache(directory: str | None = None) -> str:
+    """Turns on JAX's persistent compilation cache; returns its folder.
+
+    A rerun, a resumed run or a sweep then loads its executables from disk instead of compiling
+    them again (the tiny train step: ~40 s to compile on a 2-core CPU, ~1 s to load). The folder is
+    ``directory``, else ``$JAX_COMPILATION_CACHE_DIR`` or ``$MLMJAX_COMPILATION_CACHE``, else
+    ``~/.cache/mlmjax/jax``. Entries are keyed by the program, the compiler options and the jax
+    version, so a stale entry is never used.
+    """
+    directory = (directory or os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.environ.get(CACHE_ENV)
+                 or os.path.join(os.path.expanduser("~"), ".cache", "mlmjax", "jax"))
+    jax.config.update("jax_compilation_cache_dir", directory)
+    # Cache everything: on CPU even small programs take seconds to compile.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory
+
+
+def quiet_library_logs() -> None:
+    """absl's ``app.run`` logs at INFO, where orbax writes several lines per checkpoint; commands show
+    warnings and their own progress instead, unless the user passed ``--verbosity``."""
+    from absl import flags, logging
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
+def start_command() -> None:
+    """What every ``python -m mlmjax.<command>`` main does first."""
+    enable_compilation_cache()
+    quiet_library_logs()
