@@ -39,6 +39,7 @@ def get_config(options: str = "") -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict({"b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0})
     c.seed = 7776
     c.log_every = 100
+    c.checkpoint = ml_collections.ConfigDict({"every": 5000, "keep": 3})  # steps between saves; the newest K kept
     c.heldout_size = 64  # synthetic captions scored before and after training
     # The ContextNetV3 architecture; its width is the text encoder's and its vocabulary the text
     # encoder's plus [MASK].
@@ -51,6 +52,7 @@ def get_config(options: str = "") -> ml_collections.ConfigDict:
         c.batch_size = 32
         c.max_steps = 300
         c.log_every = 10
+        c.checkpoint.every = 100
         c.heldout_size = 32
         c.max_caption_tokens = 32  # synthetic captions: 9.5 tokens on average, 17 the longest of 20K drawn
         c.contextualizer.ffn_size = 128  # 4 × the tiny text encoder's width of 32

@@ -33,14 +33,15 @@ import optax
 from mlmjax import loop as loop_lib
 from mlmjax import mlm
 from mlmjax import pretrained as pretrained_lib
+from mlmjax import resumable
 from mlmjax import tiny
 from mlmjax import tokenizer as tokenizer_lib
+from mlmjax import workdir as workdir_lib
 from mlmjax.models import contextualizer as contextualizer_lib
 from mlmjax.models.clip_text import CLIPTextModel
 from mlmjax.prompts import synthetic
 
 CONTEXTUALIZER_DIR = "contextualizer"
-CONFIG_FILE = "config.json"
 HELDOUT_FILE = "heldout.json"
 LOSS_NORMALIZATIONS = ("all_positions", "non_padding")
 # Held-out captions come from their own seed sequence (a spawn key), distinct from every (seed, step)'s.
@@ -221,9 +222,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{key}={config[key]!r}: {message}")
 
 
+def _model_folder(config: ml_collections.ConfigDict) -> str:
+    return os.path.abspath(os.path.expanduser(config.pretrained or tiny.embedded_assets().model))
+
+
 def _text_encoder(config: ml_collections.ConfigDict) -> tuple[CLIPTextModel, dict, Any]:
     """The text encoder, its parameters and the tokenizer; the embedded tiny model when ``pretrained`` is empty."""
-    folder = os.path.abspath(os.path.expanduser(config.pretrained or tiny.embedded_assets().model))
+    folder = _model_folder(config)
     module, params = pretrained_lib.load_component(os.path.join(folder, "text_encoder"), "text_encoder")
     return module, params, tokenizer_lib.load_tokenizer(os.path.join(folder, "tokenizer"))
 
@@ -275,30 +280,43 @@ def _floats(metrics: dict) -> dict[str, float]:
     return {name: float(value) for name, value in metrics.items()}
 
 
-def _check_new_workdir(workdir: str) -> None:
-    if os.path.exists(os.path.join(workdir, loop_lib.METRICS_FILE)):
-        raise FileExistsError(f"{workdir}: holds a previous run (metrics.jsonl); choose a new workdir")
+def run_identity(config: ml_collections.ConfigDict) -> dict:
+    """The config and the content hashes of the text encoder's model and the caption file."""
+    hashes = {"pretrained": workdir_lib.model_fingerprint(_model_folder(config))}
+    if config.captions:
+        hashes["captions"] = workdir_lib.file_fingerprint(config.captions)
+    return workdir_lib.identity(config, hashes)
+
+
+def _check_workdir(workdir: str, identity: dict) -> None:
+    """A new workdir, or one holding this same run (resumed); anything else is refused."""
+    saved = workdir_lib.read_identity(workdir)
+    if saved is not None:
+        workdir_lib.check_same_run(saved, identity, workdir)
 
 
 def train(setup: Setup, config: ml_collections.ConfigDict, workdir: str) -> tuple[PretrainState, dict]:
-    """Trains ``setup.state`` (donated) for ``config.max_steps`` in ``workdir``, a new folder or one
-    without ``metrics.jsonl``, and saves the contextualizer.
+    """Trains (or resumes) ``setup.state`` (donated) for ``config.max_steps`` in ``workdir``, a new
+    folder or one holding the same run, and saves the contextualizer.
 
-    Writes ``config.json``, ``metrics.jsonl`` (the loop), ``heldout.json`` (held-out loss and
-    accuracy before and after) and ``contextualizer/``. Returns the final state and the last logged
-    metrics with ``heldout_{loss,mlm_accuracy}_{before,after}`` added.
+    Writes ``config.json``, ``run.json``, ``metrics.jsonl`` (the loop), ``checkpoints/``,
+    ``heldout.json`` (held-out loss and accuracy before and after) and ``contextualizer/``. Returns the
+    final state and the last logged metrics with ``heldout_{loss,mlm_accuracy}_{before,after}`` added
+    (none after a SIGTERM: the run stopped early, saved, and resumes with the same command).
     """
-    _check_new_workdir(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        f.write(config.to_json(indent=2, sort_keys=True) + "\n")
+    identity = run_identity(config)
+    _check_workdir(workdir, identity)
+    workdir_lib.write_run_files(workdir, config, identity)
     eval_fn = jax.jit(evaluate)
     before = _floats(eval_fn(setup.state, setup.heldout))
     print(f"held-out before: loss {before['loss']:.4f}, masked accuracy {before['mlm_accuracy']:.4f}")
-    state = loop_lib.train_loop(jax.jit(pretrain_step, donate_argnums=0), setup.state,
-                                map(setup.make_batch, itertools.count()), jax.random.key(config.seed),
-                                max_steps=config.max_steps, workdir=workdir, log_every=config.log_every,
-                                description="contextualizer").state
+    end = resumable.run(jax.jit(pretrain_step, donate_argnums=0), setup.state, setup.make_batch, workdir=workdir,
+                        run_identity=identity, seed=config.seed, max_steps=config.max_steps,
+                        log_every=config.log_every, checkpoint_every=config.checkpoint.every,
+                        keep=config.checkpoint.keep, description="contextualizer")
+    state = end.state
+    if end.preempted:
+        return state, loop_lib.read_metrics(workdir)[-1]
     after = _floats(eval_fn(state, setup.heldout))
     print(f"held-out after:  loss {after['loss']:.4f}, masked accuracy {after['mlm_accuracy']:.4f}")
     with open(os.path.join(workdir, HELDOUT_FILE), "w") as f:
@@ -316,5 +334,5 @@ def train(setup: Setup, config: ml_collections.ConfigDict, workdir: str) -> tupl
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Pretrains a contextualizer as ``config`` says (see :func:`train` for what ``workdir`` receives);
     returns the final metrics. ``python -m mlmjax.train`` calls this for ``method = "contextualizer"``."""
-    _check_new_workdir(workdir)  # before the slow build
+    _check_workdir(workdir, run_identity(config))  # before the slow build
     return train(build(config), config, workdir)[1]

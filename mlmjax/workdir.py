@@ -31,7 +31,7 @@ RUN_FILE = "run.json"
 # Config fields a resumed run may change: lengths, intervals and what happens after training.
 # Paths may change too (a moved model or photo folder) as long as the content hashes agree.
 RESUMABLE = ("max_steps", "log_every", "checkpoint.every", "checkpoint.keep", "sample_steps", "sample_prompts",
-             "pretrained", "concept.images", "prior.images", "mlm.contextualizer")
+             "pretrained", "concept.images", "prior.images", "mlm.contextualizer", "captions")
 
 # What a diffusers-layout folder holds that the model is made of (a safety checker or a pickled
 # copy beside it does not count).
@@ -90,6 +90,11 @@ def model_fingerprint(folder: str) -> str:
         elif os.path.isdir(path):
             paths += [os.path.join(path, name) for name in os.listdir(path) if name.endswith(_MODEL_SUFFIXES)]
     return _hash_files(folder, paths)
+
+
+def file_fingerprint(path: str) -> str:
+    """sha256 of one file (a caption list)."""
+    return _hash_files(os.path.dirname(path), [path])
 
 
 def folder_fingerprint(folder: str) -> str:

@@ -10,12 +10,15 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
+from mlmjax import checkpoint as checkpoint_lib
 from mlmjax import loop, mlm
 from mlmjax import pretrain_contextualizer as pc
 from mlmjax import tokenizer as tokenizer_lib
+from mlmjax import workdir as workdir_lib
 from mlmjax.models import contextualizer as ctx
 
 _CONFIG_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "contextualizer.py")
@@ -78,7 +81,7 @@ def test_metrics_and_config_written(trained):
         assert {"loss", "mlm_accuracy", "grad_norm", "lr"} <= row.keys()
         assert np.isfinite(row["loss"]) and row["grad_norm"] > 0
     assert rows[-1]["lr"] == pytest.approx(3e-3)
-    with open(os.path.join(trained["workdir"], pc.CONFIG_FILE)) as f:
+    with open(os.path.join(trained["workdir"], workdir_lib.CONFIG_FILE)) as f:
         assert json.load(f) == json.loads(trained["config"].to_json())
 
 
@@ -182,6 +185,10 @@ def test_validate_rejects(key, value):
         pc.validate(c)
 
 
-def test_run_refuses_a_used_workdir(trained):
-    with pytest.raises(FileExistsError, match="previous run"):
-        pc.run(trained["config"], trained["workdir"])
+def test_run_resumes_its_own_workdir_and_refuses_another_run(trained):
+    config = ml_collections.ConfigDict(trained["config"].to_dict())
+    config.mask_prob = 0.2
+    with pytest.raises(ValueError, match="holds another run: config.mask_prob: 0.15 there, 0.2 now"):
+        pc.run(config, trained["workdir"])
+    steps = checkpoint_lib.Checkpointer(trained["workdir"]).all_steps()
+    assert steps[-1] == trained["config"].max_steps
