@@ -47,7 +47,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from typing import Callable, Mapping, NoReturn
 
@@ -55,6 +54,7 @@ import jax
 import numpy as np
 
 from mlmjax import pretrained as pretrained_lib
+from mlmjax import runtime
 from mlmjax import weights
 from mlmjax import workdir as workdir_lib
 from mlmjax.models import clip_text
@@ -412,13 +412,7 @@ def export(run: TrainedRun, out: str, *, overwrite: bool = False) -> list[str]:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        _fail(message)
-
-
-def _fail(message: str) -> NoReturn:
-    """A user error: one line on stderr, exit status 2, no traceback."""
-    print(f"error: {' '.join(message.split())}", file=sys.stderr)
-    sys.exit(2)
+        runtime.fail(message)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -434,7 +428,7 @@ def main(argv: list[str] | None = None) -> None:
         run = workdir_lib.load_trained(args.workdir, step=args.step)
         paths = export(run, args.out, overwrite=args.overwrite)
     except (ValueError, OSError) as error:
-        _fail(str(error))
+        runtime.fail(str(error))
     for path in paths:
         print(path)
 

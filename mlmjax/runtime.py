@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from typing import NoReturn
 
 import jax
 
@@ -40,3 +42,22 @@ def start_command() -> None:
     """What every ``python -m mlmjax.<command>`` main does first."""
     enable_compilation_cache()
     quiet_library_logs()
+
+
+def fail(message: str) -> NoReturn:
+    """A user error: one line on stderr, exit status 2, no traceback."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (``app.run(main, flags_parser=runtime.parse_flags)``), with a bad flag or a
+    config override that names no field (or gives a bad value) reported by :func:`fail`."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as error:
+        # ml_collections' KeyError text is a repr with escaped quotes and newlines: make it one line.
+        message = str(error.args[0] if error.args else error).replace("\\n", " ").replace("\\'", "'")
+        fail(f"bad flag or config override: {' '.join(message.replace(chr(39), '').split())}")

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from typing import Any, NoReturn, Sequence
+from typing import Any, Sequence
 
 from absl import app, flags
 import jax
@@ -34,7 +33,6 @@ from mlmjax import sampling
 from mlmjax import tokenizer as tokenizer_lib
 from mlmjax import workdir as workdir_lib
 from mlmjax.noise_schedule import NoiseSchedule
-
 
 
 def define_flags() -> None:
@@ -139,22 +137,9 @@ def _check_steps(run: workdir_lib.TrainedRun, steps: int) -> None:
         raise ValueError(f"--steps={steps}: the model has {limit} diffusion timesteps; use at most {limit}")
 
 
-def _fail(message: str) -> NoReturn:
-    """A user error: one line on stderr, exit status 2, no traceback."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as error:
-        _fail(" ".join(str(error).split()))
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
-        _fail(f"unexpected arguments {argv[1:]}; pass each prompt, quoted, with --prompt")
+        runtime.fail(f"unexpected arguments {argv[1:]}; pass each prompt, quoted, with --prompt")
     runtime.start_command()
     f = flags.FLAGS
     try:
@@ -167,10 +152,10 @@ def main(argv: list[str]) -> None:
                            scheduler=f.scheduler, steps=f.steps, guidance=f.guidance, seed=f.seed,
                            batch_size=f.batch_size)
     except (ValueError, OSError) as error:
-        _fail(str(error))
+        runtime.fail(str(error))
     print(f"wrote {len(paths)} images, grid.png and {RECORD_FILE} to {out}")
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=runtime.parse_flags)

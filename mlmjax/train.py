@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app, flags
 import jax
@@ -133,18 +132,6 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "where config, metrics, checkpoints and samples are written")
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with config overrides that name no field (or give a bad value) as one line."""
-    try:
-        return flags.FLAGS(argv)
-    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as error:
-        # ml_collections' KeyError text is a repr with escaped quotes and newlines: make it one line.
-        message = str(error.args[0] if error.args else error).replace("\\n", " ").replace("\\'", "'")
-        message = " ".join(message.replace("'", "").split())
-        print(f"error: bad flag or config override: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -160,10 +147,9 @@ def main(argv: list[str]) -> None:
             print(json.dumps(metrics))
     except (ValueError, OSError, loop_lib.NonFiniteLossError) as error:
         # User errors (bad paths, values, files) get one line and a non-zero exit, no traceback.
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        runtime.fail(str(error))
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=runtime.parse_flags)

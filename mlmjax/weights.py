@@ -29,6 +29,7 @@ import safetensors.numpy
 _LIST_CONTAINERS = frozenset({
     "down_blocks", "up_blocks", "resnets", "attentions", "upsamplers", "downsamplers",
     "transformer_blocks", "layers", "to_out", "net",
+    "layer",  # transformers' BERT-style encoders (ViT): encoder.layer.0
 })
 _INDEXED = re.compile(r"^(?P<name>.+)_(?P<index>\d+)$")
 

@@ -5,17 +5,15 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from mlmjax import checkpoint as checkpoint_lib
 from mlmjax import method as method_lib
-from mlmjax import pretrained as pretrained_lib
 from mlmjax import sample as sample_lib
 from mlmjax import tiny, trainable
 from mlmjax import workdir as workdir_lib
+from helpers import save_untrained_run
 from test_train_step import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,25 +79,9 @@ def _cli(*args):
                           timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
-def _save_checkpoint(workdir: str, step: int) -> None:
-    """A TI workdir on the embedded model as training leaves it, with the untrained state at ``step``."""
-    config = load_config("ti")
-    config.mlm.weight = 0.0
-    embedded = tiny.embedded_assets()
-    config.pretrained, config.concept.images, config.resolution = embedded.model, embedded.concept_images, 32
-    model = pretrained_lib.load_pretrained(config.pretrained)
-    built = method_lib.build_state(config, model, contextualizer_folder=None)
-    identity = workdir_lib.identity(config, workdir_lib.fingerprints(config))
-    workdir_lib.write_run_files(workdir, config, identity)
-    checkpointer = checkpoint_lib.Checkpointer(workdir, async_save=False)
-    checkpointer.save(step, params=built.state.params, opt_state=built.state.opt_state, rng=jax.random.key(0),
-                      data={}, run=identity)
-    checkpointer.close()
-
-
 def test_cli_samples_a_checkpoint_end_to_end(tmp_path):
     workdir = str(tmp_path / "run")
-    _save_checkpoint(workdir, step=5)
+    save_untrained_run(workdir, step=5)
     result = _cli("--workdir", workdir, "--prompt", "a {} in the snow", "--num_images=1", "--steps=2")
     assert result.returncode == 0, result.stderr
     folder = os.path.join(workdir, "samples", "step_5")

@@ -29,7 +29,8 @@ _PREFIX = "text_model."
 # Buffers that PyTorch checkpoints may carry but that are not parameters.
 IGNORED_CHECKPOINT_KEYS = (r"(text_model\.)?embeddings\.position_ids",)
 
-_ACTIVATIONS = {
+# The activations of CLIP-family transformers (the ViT towers in models/vit.py use them too).
+ACTIVATIONS = {
     # transformers' "quick_gelu": x·σ(1.702x), the activation OpenAI's CLIP was trained with (SD 1.x).
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     # transformers' "gelu" is the exact erf form (OpenCLIP ViT-H, SD 2.x), not the tanh approximation.
@@ -92,8 +93,8 @@ class CLIPTextConfig:
                 expected = {int: "an integer", float: "a number", str: "a string"}[kind]
                 raise fail(field.name, value, expected + " or null" * (field.name in _NULLABLE))
         config = cls(**values, original_json=json.dumps(dict(d), sort_keys=True))
-        if config.hidden_act not in _ACTIVATIONS:
-            raise fail("hidden_act", config.hidden_act, " or ".join(map(repr, _ACTIVATIONS)))
+        if config.hidden_act not in ACTIVATIONS:
+            raise fail("hidden_act", config.hidden_act, " or ".join(map(repr, ACTIVATIONS)))
         if config.num_attention_heads <= 0 or config.hidden_size % config.num_attention_heads:
             raise fail("num_attention_heads", config.num_attention_heads,
                        f"a divisor of hidden_size={config.hidden_size}")
@@ -160,7 +161,7 @@ class CLIPMLP(nn.Module):
         c = self.config
         x = nn.Dense(c.intermediate_size, dtype=self.dtype, kernel_init=_normal((2 * c.hidden_size) ** -0.5),
                      name="fc1")(x)
-        x = _ACTIVATIONS[c.hidden_act](x)
+        x = ACTIVATIONS[c.hidden_act](x)
         fc2_std = c.hidden_size**-0.5 * (2 * c.num_hidden_layers) ** -0.5
         return nn.Dense(c.hidden_size, dtype=self.dtype, kernel_init=_normal(fc2_std), name="fc2")(x)
 
