@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
     # ("regex", "train"|"freeze") over "<component>/<flax path>"; the method config fills it.
     c.trainable = [(CONCEPT, "train"), (r".*", "freeze")]
 
+    # Devices: (data, fsdp, tensor) sizes, one -1 fills (see mlmjax/sharding.py). All data-parallel by default.
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 500  # steps between checkpoints (async); one is always saved at the end. 0: only at the end
     c.checkpoint.keep = 3  # the newest K checkpoints are kept

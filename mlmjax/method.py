@@ -142,7 +142,7 @@ def build_state(config: ml_collections.ConfigDict, model: Pretrained, *,
                              f"does not match the text encoder's {text_config.hidden_size}")
         params["mlm"] = {"contextualizer": ctx_params, "mask_embedding": mask_embedding}
         copies = num_tokens if config.method == "xti" else 1
-        longest = _longest_prompt(_prompt_set(config), tokenizer, _mlm_phrase(config))
+        longest = _longest_prompt(_prompt_set(config), tokenizer, mlm_phrase(config))
         max_masked = mlm.masked_token_bound(config.mlm.batch_size * copies * longest, config.mlm.mask_prob)
 
     label_tree = trainable.labels(params, [tuple(rule) for rule in config.trainable])
@@ -197,7 +197,24 @@ def _prompt_set(config: ml_collections.ConfigDict) -> prompts_lib.PromptSet:
                                       per_type_size=config.mlm.per_type_size or None, seed=config.seed)
 
 
-def _mlm_phrase(config: ml_collections.ConfigDict) -> str:
+def mask_concept_prompts(ids: np.ndarray, rng: np.random.Generator, *, config: ml_collections.ConfigDict, tokenizer,
+                         concept_ids: list[int], mask_token_id: int,
+                         max_masked: int | None = None) -> tuple[np.ndarray, mlm.MaskedTokens]:
+    """MLM masking of tokenized prompts that hold the concept token, as the train step's batch has it.
+
+    XTI: every prompt once per concept token ``<c>_k``, each copy masked independently. The concept
+    tokens and the class noun are never masked. Returns the expanded ids and their masking.
+    """
+    ids = np.concatenate([np.where(ids == concept_ids[0], token, ids) for token in concept_ids])
+    protected = [[t] for t in concept_ids] + list(
+        mlm.protected_sequences(tokenizer, [config.concept.token, config.concept.class_noun]))
+    return ids, mlm.mask_tokens(ids, rng, mask_prob=config.mlm.mask_prob, mask_token_id=mask_token_id,
+                                protected=protected, max_masked=max_masked, bos_id=tokenizer.bos_token_id,
+                                eos_id=tokenizer.eos_token_id)
+
+
+def mlm_phrase(config: ml_collections.ConfigDict) -> str:
+    """What the MLM prompts put in their slot (the authors' XTI quirk: the token without the class noun)."""
     if config.mlm.class_noun_in_prompts:
         return f"{config.concept.token} {config.concept.class_noun}"
     return config.concept.token
@@ -223,9 +240,7 @@ def _batch_maker(config, tokenizer, concept_ids, concept_phrase, concept_moments
     prompt_set = None
     if config.mlm.weight:
         prompt_set = _prompt_set(config)
-        mlm_phrase = _mlm_phrase(config)
-        protected = mlm.protected_sequences(tokenizer, [config.concept.token, class_noun])
-        special = dict(bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id)
+        phrase = mlm_phrase(config)
 
     def make_batch(step: int) -> dict:
         rng = np.random.default_rng([config.seed, step])
@@ -240,12 +255,9 @@ def _batch_maker(config, tokenizer, concept_ids, concept_phrase, concept_moments
                              tokenizer, [config.prior.prompt.format(class_noun)] * config.batch_size
                          ).astype(np.int32))
         if prompt_set is not None:
-            ids = tokenizer_lib.tokenize(tokenizer, prompt_set.sample(rng, config.mlm.batch_size, mlm_phrase))
-            # XTI: every prompt once per concept token <c>_k, each copy masked independently.
-            ids = np.concatenate([np.where(ids == concept_ids[0], token, ids) for token in concept_ids])
-            masked = mlm.mask_tokens(ids, rng, mask_prob=config.mlm.mask_prob, mask_token_id=mask_token_id,
-                                     protected=[[t] for t in concept_ids] + list(protected), max_masked=max_masked,
-                                     **special)
+            ids = tokenizer_lib.tokenize(tokenizer, prompt_set.sample(rng, config.mlm.batch_size, phrase))
+            _, masked = mask_concept_prompts(ids, rng, config=config, tokenizer=tokenizer, concept_ids=concept_ids,
+                                             mask_token_id=mask_token_id, max_masked=max_masked)
             batch.update(mlm_input_ids=masked.input_ids.astype(np.int32), mlm_labels=masked.labels.astype(np.int32),
                          mlm_mask=masked.mask)
         return batch

@@ -31,13 +31,19 @@ def process_rows(batch: dict, process_index: int, process_count: int) -> dict:
 
 
 def batch_iterator(make_batch: Callable[[int], dict], *, start_step: int = 0, process_index: int = 0,
-                   process_count: int = 1, threads: int = 2, prefetch: int = 4) -> grain.DatasetIterator:
+                   process_count: int = 1, place: Callable[[dict], dict] | None = None, threads: int = 2,
+                   prefetch: int = 4) -> grain.DatasetIterator:
     """An iterator over this process's batches from ``start_step`` on.
 
-    Its ``get_state()``/``set_state()`` (JSON-serialisable) record and restore the position.
+    ``place`` (e.g. ``sharding.shard_batch``) puts each batch on the devices inside the prefetching
+    threads, so transfers overlap the previous step. Its ``get_state()``/``set_state()``
+    (JSON-serialisable) record and restore the position.
     """
-    dataset = grain.MapDataset.range(_ENDLESS).map(
-        lambda step: process_rows(make_batch(int(step)), process_index, process_count))
+    def batch(step: int) -> dict:
+        rows = process_rows(make_batch(int(step)), process_index, process_count)
+        return rows if place is None else place(rows)
+
+    dataset = grain.MapDataset.range(_ENDLESS).map(batch)
     iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)))
     if start_step:
         iterator.set_state({"next_index": int(start_step)})

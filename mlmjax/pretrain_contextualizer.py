@@ -310,7 +310,7 @@ def train(setup: Setup, config: ml_collections.ConfigDict, workdir: str) -> tupl
     eval_fn = jax.jit(evaluate)
     before = _floats(eval_fn(setup.state, setup.heldout))
     print(f"held-out before: loss {before['loss']:.4f}, masked accuracy {before['mlm_accuracy']:.4f}")
-    end = resumable.run(jax.jit(pretrain_step, donate_argnums=0), setup.state, setup.make_batch, workdir=workdir,
+    end = resumable.run(pretrain_step, setup.state, setup.make_batch, workdir=workdir,
                         run_identity=identity, seed=config.seed, max_steps=config.max_steps,
                         log_every=config.log_every, checkpoint_every=config.checkpoint.every,
                         keep=config.checkpoint.keep, description="contextualizer")

@@ -19,18 +19,20 @@ import jax.numpy as jnp
 from mlmjax import checkpoint as checkpoint_lib
 from mlmjax import loop as loop_lib
 from mlmjax import pipeline
+from mlmjax import sharding
 from mlmjax import workdir as workdir_lib
 
 
 def _start_or_resume(state: Any, make_batch: Callable[[int], dict], checkpointer: checkpoint_lib.Checkpointer,
-                     run_identity: dict, workdir: str, seed: int):
+                     run_identity: dict, workdir: str, seed: int, mesh: jax.sharding.Mesh):
     """(state, start step, run key, batch iterator): fresh, or restored from the latest checkpoint."""
     rng = jax.random.key(seed)
-    batches = pipeline.batch_iterator(make_batch)
-    # Fresh and restored states are both committed to the device, so a resumed run reuses the
-    # executable of an uninterrupted one instead of recompiling for other input placements.
-    device = jax.devices()[0]
-    state = jax.device_put(state, device)
+    batches = pipeline.batch_iterator(make_batch, process_index=jax.process_index(),
+                                      process_count=jax.process_count(),
+                                      place=lambda batch: sharding.shard_batch(batch, mesh))
+    # Fresh and restored states both live in the mesh's shardings (the restore reads straight into
+    # them), so a resumed run reuses the executable of an uninterrupted one.
+    state = sharding.shard_state(state, mesh)
     step = checkpointer.latest_step()
     if step is None:
         if os.path.exists(os.path.join(workdir, loop_lib.METRICS_FILE)):
@@ -38,8 +40,8 @@ def _start_or_resume(state: Any, make_batch: Callable[[int], dict], checkpointer
         return state, 0, rng, batches
     workdir_lib.check_same_run(checkpointer.read_run(step), run_identity, f"{checkpointer.directory}/{step}")
     restored = checkpointer.restore(step, params=state.params, opt_state=state.opt_state)
-    state = jax.device_put(state.replace(step=jnp.asarray(step, jnp.int32), params=restored["params"],
-                                         opt_state=restored["opt_state"]), device)
+    state = sharding.shard_state(state.replace(step=jnp.asarray(step, jnp.int32), params=restored["params"],
+                                               opt_state=restored["opt_state"]), mesh)
     pipeline.restore(batches, restored["data"], step)
     loop_lib.truncate_metrics(workdir, step)
     print(f"resuming {workdir} from its checkpoint at step {step}", file=sys.stderr, flush=True)
@@ -48,15 +50,18 @@ def _start_or_resume(state: Any, make_batch: Callable[[int], dict], checkpointer
 
 def run(step_fn: Callable[[Any, dict, jax.Array], tuple[Any, dict]], state: Any, make_batch: Callable[[int], dict],
         *, workdir: str, run_identity: dict, seed: int, max_steps: int, log_every: int, checkpoint_every: int,
-        keep: int, description: str) -> loop_lib.LoopEnd:
+        keep: int, description: str, mesh: jax.sharding.Mesh | None = None) -> loop_lib.LoopEnd:
     """Runs (or resumes) ``step_fn`` to ``max_steps`` in ``workdir``, which must already hold ``run.json``.
 
-    Saves every ``checkpoint_every`` steps (0: only at the end), at the end and on SIGTERM.
+    ``step_fn`` is the pure step (jitted here, state donated, on ``mesh``: default all devices
+    data-parallel). Saves every ``checkpoint_every`` steps (0: only at the end), at the end and on SIGTERM.
     """
+    mesh = mesh or sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     checkpointer = checkpoint_lib.Checkpointer(workdir, keep=keep)
     try:
         state, start_step, rng, batches = _start_or_resume(state, make_batch, checkpointer, run_identity, workdir,
-                                                           seed)
+                                                           seed, mesh)
+        step_fn = sharding.jit_step(step_fn, state, mesh)
 
         def save(step: int, state: Any) -> None:
             checkpointer.save(step, params=state.params, opt_state=state.opt_state, rng=rng,

@@ -16,7 +16,6 @@ import json
 import os
 
 from absl import app, flags
-import jax
 import ml_collections
 import numpy as np
 from ml_collections import config_flags
@@ -30,6 +29,7 @@ from mlmjax import pretrain_contextualizer
 from mlmjax import pretrained as pretrained_lib
 from mlmjax import resumable
 from mlmjax import runtime
+from mlmjax import sharding
 from mlmjax import sample as sample_lib
 from mlmjax import tiny
 from mlmjax import train_step as train_step_lib
@@ -39,9 +39,6 @@ from mlmjax import workdir as workdir_lib
 
 CLASS_IMAGES_DIR = "class_images"
 
-# One jitted step for the process: runs with equal specs (a resumed run, a sweep in one process)
-# share its compilation cache.
-_jitted_train_step = jax.jit(train_step_lib.train_step, donate_argnums=0)
 
 
 def _resolve_embedded(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -105,6 +102,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     a checkpoint and returns. Returns the last logged metrics.
     """
     config_lib.validate(config)
+    mesh = sharding.make_mesh(config.mesh)  # a mesh that does not fit the devices is a user error too
     config = _resolve_embedded(config)
     model, concept_images = _read_inputs(config)
     hashes = workdir_lib.fingerprints(config)
@@ -117,10 +115,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir_lib.write_run_files(workdir, config, run_identity)
     make_batch = method_lib.batch_function(config, model, built, concept_images=concept_images,
                                            class_images=_class_images(config, model, workdir, hashes["pretrained"]))
-    end = resumable.run(_jitted_train_step, built.state, make_batch, workdir=workdir, run_identity=run_identity,
-                        seed=config.seed, max_steps=config.max_steps, log_every=config.log_every,
-                        checkpoint_every=config.checkpoint.every, keep=config.checkpoint.keep,
-                        description=config.method)
+    end = resumable.run(train_step_lib.train_step, built.state, make_batch, workdir=workdir,
+                        run_identity=run_identity, seed=config.seed, max_steps=config.max_steps,
+                        log_every=config.log_every, checkpoint_every=config.checkpoint.every,
+                        keep=config.checkpoint.keep, description=config.method,
+                        mesh=mesh)
     if config.sample_prompts and not end.preempted:
         _write_samples(model, end.state, built, config, workdir, end.step)
     return loop_lib.read_metrics(workdir)[-1]

@@ -90,7 +90,7 @@ class TrainState:
                    spec=spec, tx=tx)
 
 
-def _extra_embeddings(params: dict) -> jax.Array:
+def extra_embeddings(params: dict) -> jax.Array:
     """Rows for ids ≥ vocab_size: the concept tokens, then [MASK] when the MLM branch is on."""
     rows = [params["concept"]["embeddings"]]
     if "mlm" in params:
@@ -103,7 +103,7 @@ def _encode(spec: StepSpec, params: dict, input_ids: jax.Array, token_offset: in
     vocab = spec.text_encoder.config.vocab_size
     ids = jnp.where(input_ids == vocab, vocab + token_offset, input_ids)
     variables = {"params": params["text_encoder"]}
-    embeds = spec.text_encoder.apply(variables, ids, _extra_embeddings(params), method=CLIPTextModel.embed)
+    embeds = spec.text_encoder.apply(variables, ids, extra_embeddings(params), method=CLIPTextModel.embed)
     return spec.text_encoder.apply(variables, ids, inputs_embeds=embeds)
 
 
@@ -138,7 +138,7 @@ def _diffusion_losses(spec: StepSpec, params: dict, batch: dict, rng: jax.Array)
     return per_example[:num_instance], per_example[num_instance:]
 
 
-def _mlm_loss(spec: StepSpec, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
+def mlm_loss(spec: StepSpec, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
     """Cross-entropy of the frozen contextualizer at the masked tokens of the context prompts."""
     hidden = _encode(spec, params, batch["mlm_input_ids"])
     variables = {"params": params["mlm"]["contextualizer"]}
@@ -158,7 +158,7 @@ def loss_fn(trainable_params: dict, frozen: dict, spec: StepSpec, batch: dict, r
         metrics["loss_prior"] = prior.mean()
         loss = loss + spec.prior_weight * metrics["loss_prior"]
     if spec.mlm_weight:
-        metrics["loss_mlm"], metrics["mlm_accuracy"] = _mlm_loss(spec, params, batch)
+        metrics["loss_mlm"], metrics["mlm_accuracy"] = mlm_loss(spec, params, batch)
         loss = loss + spec.mlm_weight * metrics["loss_mlm"]
     metrics["loss"] = loss
     return loss, metrics

@@ -31,6 +31,7 @@ RUN_FILE = "run.json"
 # Config fields a resumed run may change: lengths, intervals and what happens after training.
 # Paths may change too (a moved model or photo folder) as long as the content hashes agree.
 RESUMABLE = ("max_steps", "log_every", "checkpoint.every", "checkpoint.keep", "sample_steps", "sample_prompts",
+             "mesh.data", "mesh.fsdp", "mesh.tensor",
              "pretrained", "concept.images", "prior.images", "mlm.contextualizer", "captions")
 
 # What a diffusers-layout folder holds that the model is made of (a safety checker or a pickled

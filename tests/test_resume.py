@@ -21,6 +21,7 @@ import pytest
 from mlmjax import checkpoint as checkpoint_lib
 from mlmjax import loop
 from mlmjax import pretrained as pretrained_lib
+from mlmjax import sharding
 from mlmjax import tiny
 from mlmjax import train as train_lib
 from mlmjax import workdir as workdir_lib
@@ -85,7 +86,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(uninterrupted, tm
     train_lib.train(ti_config(STEPS), killed)
     assert loop.read_metrics(killed) == rows
     np.testing.assert_array_equal(trained(killed), trained(uninterrupted))
-    assert train_lib._jitted_train_step._cache_size() == 1  # a resumed run reuses the executable
+    assert len(sharding._JITTED) == 1  # the resumed runs reused the first run's jitted step
+    assert next(iter(sharding._JITTED.values()))._cache_size() == 1  # ... and its executable
 
 
 def test_a_finished_run_rerun_does_nothing_and_load_trained_reads_any_step(uninterrupted):
@@ -200,10 +202,10 @@ _KILL_DURING_SAVE = textwrap.dedent("""
 
     atomicity.AtomicRenameTemporaryPath.finalize = killed_while_saving_step_4
     from absl import app
-    from mlmjax import train
+    from mlmjax import runtime, train
     sys.argv = ["train"] + sys.argv[1:]
     train.define_flags()
-    app.run(train.main, flags_parser=train._parse_flags)
+    app.run(train.main, flags_parser=runtime.parse_flags)
 """)
 
 

@@ -107,7 +107,7 @@ def test_mlm_gradient_reaches_only_the_text_side(pictures, contextualizer_dir):
     assert {"mlm_input_ids", "mlm_labels", "mlm_mask"} <= set(batch) and batch["mlm_mask"].any()
 
     def mlm_loss(params):
-        return train_step_lib._mlm_loss(state.spec, trainable.merge(params, state.frozen), batch)[0]
+        return train_step_lib.mlm_loss(state.spec, trainable.merge(params, state.frozen), batch)[0]
 
     grads = jax.jit(jax.grad(mlm_loss))(state.params)
     assert all(not np.asarray(g).any() for g in jax.tree.leaves(grads["unet"]))

@@ -9,6 +9,10 @@ form, which both transformers 4 and 5 (and hence diffusers on either) load clean
 
 New concept tokens are not rows of the 49408-row table but a separate small ``extra_embeddings``
 array spliced in by :meth:`CLIPTextModel.embed` (DESIGN.md decision 4).
+
+Attention probabilities (transformers' ``output_attentions``) are an analysis output, not part of the
+forward pass: :func:`attention_probabilities` asks for them, and only then does each layer compute
+and ``sow`` them; every other call runs exactly the usual computation.
 """
 
 from __future__ import annotations
@@ -43,6 +47,10 @@ _VOLATILE_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype
 
 # transformers allows null for these; the network does not use them.
 _NULLABLE = frozenset({"pad_token_id", "bos_token_id", "projection_dim"})
+
+# Where :class:`CLIPAttention` sows its probabilities when the collection is mutable.
+INTERMEDIATES = "intermediates"
+ATTENTION_WEIGHTS = "attention_weights"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +157,17 @@ class CLIPAttention(nn.Module):
         heads = (*x.shape[:-1], c.num_attention_heads, c.head_dim)
         q, k, v = (project(n, in_std, x).reshape(heads) for n in ("q_proj", "k_proj", "v_proj"))
         out = dot_product_attention(q, k, v, mask=mask)
+        if self.is_mutable_collection(INTERMEDIATES) and not self.is_initializing():
+            # Recomputed beside the (chunked) attention kernel rather than returned by it, so that
+            # training and sampling never hold the probabilities.
+            self.sow(INTERMEDIATES, ATTENTION_WEIGHTS, _attention_weights(q, k, mask))
         return project("out_proj", width**-0.5, out.reshape(x.shape))
+
+
+def _attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array) -> jax.Array:
+    """``[B, H, Lq, Lk]`` float32 softmax(q·kᵀ/√d) over the keys that ``mask`` allows."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    return jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
 
 
 class CLIPMLP(nn.Module):
@@ -293,6 +311,22 @@ class CLIPTextModel(nn.Module):
         else:
             position = jnp.argmax(input_ids == self.config.eos_token_id, axis=-1)
         return jnp.take_along_axis(last_hidden_state, position[:, None, None], axis=1)[:, 0]
+
+
+def attention_probabilities(module: CLIPTextModel, variables: Mapping, input_ids: jax.Array | None, *,
+                            inputs_embeds: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """``last_hidden_state`` and every layer's self-attention probabilities.
+
+    Args and the first result are those of :meth:`CLIPTextModel.__call__`; the second is
+    ``[num_hidden_layers, B, num_attention_heads, L, L]`` in float32, query positions before key
+    positions, as transformers' ``output_attentions`` stacked. Rows sum to 1 over the keys a query may
+    attend to (itself and the positions before it: the encoder is causal), the others are 0.
+    """
+    last_hidden_state, state = module.apply(variables, input_ids, inputs_embeds=inputs_embeds,
+                                            mutable=[INTERMEDIATES])
+    layers = state[INTERMEDIATES]["encoder"]
+    return last_hidden_state, jnp.stack([layers[f"layers_{i}"]["self_attn"][ATTENTION_WEIGHTS][0]
+                                         for i in range(module.config.num_hidden_layers)])
 
 
 def init_params(module: CLIPTextModel, rng: jax.Array) -> dict:
