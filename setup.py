@@ -33,6 +33,9 @@ setup(
         "pillow",
         "grain>=0.2.18",
         "tqdm",
+        # TensorBoard event files without TensorFlow, and loss_curve.png.
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
         # Tokenizer and config classes only: CLIPTokenizer needs no torch.
         "transformers>=5,<6",
     ],

@@ -1,9 +1,11 @@
 """The host-side training loop shared by customization and contextualizer pretraining.
 
 The step itself is a jitted pure function; this loop feeds it batches, shows a progress bar with the
-losses and steps/s, appends the logged metrics to ``metrics.jsonl`` (one JSON object per logged step,
-with ``step``), saves checkpoints through a callback, stops cleanly on SIGTERM, and stops, naming the
-step, if the loss stops being finite.
+losses, the masked-token accuracy and steps/s, appends the logged metrics to ``metrics.jsonl`` (one
+JSON object per logged step, with ``step``; the run's record) and to TensorBoard event files in
+``tensorboard/`` (:mod:`mlmjax.tensorboard_log`), saves checkpoints through a callback, stops cleanly
+on SIGTERM, and stops, naming the step, if the loss stops being finite. When it stops it plots
+``metrics.jsonl`` into ``loss_curve.png`` (:mod:`mlmjax.plots`).
 """
 
 from __future__ import annotations
@@ -14,17 +16,24 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import jax
 import numpy as np
 from tqdm import tqdm
 
 from mlmjax import files
+from mlmjax import tensorboard_log
 
 METRICS_FILE = "metrics.jsonl"
+
+# What the progress bar shows, with short names: at most these five and steps/s, to fit a terminal.
+BAR_FIELDS = {"loss": "loss", "loss_diff": "diff", "loss_prior": "prior", "loss_mlm": "mlm", "mlm_accuracy": "acc"}
+
+T = TypeVar("T")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -43,9 +52,54 @@ def _to_floats(metrics: dict) -> dict[str, float]:
 
 
 def _postfix(metrics: dict[str, float], steps_per_second: float) -> str:
-    shown = [f"{name.removeprefix('loss_') if name != 'loss' else name}={value:.4g}"
-             for name, value in metrics.items() if name.startswith("loss")]
+    shown = [f"{short}={metrics[name]:.4g}" for name, short in BAR_FIELDS.items() if name in metrics]
     return " ".join(shown + [f"{steps_per_second:.1f} steps/s"])
+
+
+_WARNED: set[str] = set()  # the missing optional packages already named on stderr
+
+
+def _unless_missing(what: str, make: Callable[[], T]) -> T | None:
+    """``make()``; or, when a package it imports is not installed, None and (once per package) a
+    one-line warning: TensorBoard files and the loss curve are extras that no run stops for."""
+    try:
+        return make()
+    except ModuleNotFoundError as error:
+        package = (error.name or "?").partition(".")[0]
+        if package not in _WARNED:
+            _WARNED.add(package)
+            print(f"warning: {package} is not installed (pip install {package}): no {what}; metrics.jsonl is "
+                  "written as always", file=sys.stderr, flush=True)
+        return None
+
+
+@contextlib.contextmanager
+def _tensorboard(workdir: str, first_step: int) -> Iterator[Callable[[dict[str, float]], None]]:
+    """``write(row)`` into a new event file (see :mod:`mlmjax.tensorboard_log`), closed with the block;
+    a no-op without tensorboardX."""
+    writer = _unless_missing("TensorBoard event files", lambda: tensorboard_log.ScalarWriter(workdir, first_step))
+    if writer is None:
+        yield lambda row: None
+        return
+    with writer:
+        yield writer.write
+
+
+@contextlib.contextmanager
+def _loss_curve_when_done(workdir: str) -> Iterator[None]:
+    """Plots ``metrics.jsonl`` into ``loss_curve.png`` when the block ends: normally, on SIGTERM, or
+    when the loss diverged (the curve up to there is the first thing to look at)."""
+    from mlmjax import plots  # here: plots reads metrics.jsonl through this module
+
+    def plot() -> None:
+        _unless_missing(plots.LOSS_CURVE_FILE, lambda: plots.write_loss_curve(workdir))
+
+    try:
+        yield
+    except NonFiniteLossError:
+        plot()
+        raise
+    plot()
 
 
 @contextlib.contextmanager
@@ -90,14 +144,22 @@ def train_loop(
     time after the loss and gradient norm of the step that made ``state`` were checked finite: a
     checkpoint never holds a diverged state. A non-finite loss raises, naming the step and the last
     good checkpoint. A metrics row is logged at the run's first step and every ``log_every``
-    steps, so a resumed run logs exactly the rows of an uninterrupted one.
+    steps, so a resumed run logs exactly the rows of an uninterrupted one. ``loss_curve.png`` is
+    written when the loop returns (SIGTERM included) or the loss diverges.
     """
     path = os.path.join(workdir, METRICS_FILE)
-    bar = tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc=description,
-               dynamic_ncols=True, mininterval=1.0)
-    last_time, last_step = time.perf_counter(), start_step
     done, last_finite = start_step, None
-    with open(path, "a") as log:
+    if start_step >= max_steps:  # a finished run rerun: nothing to run, log or plot
+        return LoopEnd(state=state, step=done, preempted=False)
+    # This session's TensorBoard file supersedes what earlier files hold from its first step on, as
+    # truncate_metrics did for metrics.jsonl before a resume. The bar opens last, so that a warning
+    # printed on the way in gets a line of its own.
+    with (_loss_curve_when_done(workdir),
+          open(path, "a") as log,
+          _tensorboard(workdir, first_step=start_step + 1) as write_scalars,
+          tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc=description,
+               dynamic_ncols=True, mininterval=1.0) as bar):
+        last_time, last_step = time.perf_counter(), start_step
         for step in bar:
             state, metrics = step_fn(state, next(batches), rng)
             done = step + 1
@@ -119,15 +181,16 @@ def train_loop(
                 now = time.perf_counter()
                 rate = (done - last_step) / max(now - last_time, 1e-9)
                 last_time, last_step = now, done
-                log.write(json.dumps({"step": done, **values}) + "\n")
+                row = {"step": done, **values}
+                log.write(json.dumps(row) + "\n")
                 log.flush()
+                write_scalars(row)
                 bar.set_postfix_str(_postfix(values, rate), refresh=False)
             if saving:
                 save(done, state)
                 last_saved_step = done
             if stopping:
                 break
-    bar.close()
     return LoopEnd(state=state, step=done, preempted=done < max_steps)
 
 

@@ -197,20 +197,24 @@ def _prompt_set(config: ml_collections.ConfigDict) -> prompts_lib.PromptSet:
                                       per_type_size=config.mlm.per_type_size or None, seed=config.seed)
 
 
-def mask_concept_prompts(ids: np.ndarray, rng: np.random.Generator, *, config: ml_collections.ConfigDict, tokenizer,
-                         concept_ids: list[int], mask_token_id: int,
+def protected_tokens(config: ml_collections.ConfigDict, tokenizer, concept_ids: list[int]) -> list[list[int]]:
+    """The token sequences MLM never masks: each concept token and the class noun."""
+    return [[t] for t in concept_ids] + list(
+        mlm.protected_sequences(tokenizer, [config.concept.token, config.concept.class_noun]))
+
+
+def mask_concept_prompts(ids: np.ndarray, rng: np.random.Generator, *, mask_prob: float, concept_ids: list[int],
+                         protected: list[list[int]], mask_token_id: int, bos_id: int, eos_id: int,
                          max_masked: int | None = None) -> tuple[np.ndarray, mlm.MaskedTokens]:
     """MLM masking of tokenized prompts that hold the concept token, as the train step's batch has it.
 
-    XTI: every prompt once per concept token ``<c>_k``, each copy masked independently. The concept
-    tokens and the class noun are never masked. Returns the expanded ids and their masking.
+    XTI: every prompt once per concept token ``<c>_k``, each copy masked independently; ``protected``
+    (:func:`protected_tokens`) is never masked. Returns the expanded ids and their masking. Uses no
+    tokenizer, so the batch pipeline's threads can call it at once.
     """
     ids = np.concatenate([np.where(ids == concept_ids[0], token, ids) for token in concept_ids])
-    protected = [[t] for t in concept_ids] + list(
-        mlm.protected_sequences(tokenizer, [config.concept.token, config.concept.class_noun]))
-    return ids, mlm.mask_tokens(ids, rng, mask_prob=config.mlm.mask_prob, mask_token_id=mask_token_id,
-                                protected=protected, max_masked=max_masked, bos_id=tokenizer.bos_token_id,
-                                eos_id=tokenizer.eos_token_id)
+    return ids, mlm.mask_tokens(ids, rng, mask_prob=mask_prob, mask_token_id=mask_token_id, protected=protected,
+                                max_masked=max_masked, bos_id=bos_id, eos_id=eos_id)
 
 
 def mlm_phrase(config: ml_collections.ConfigDict) -> str:
@@ -241,6 +245,9 @@ def _batch_maker(config, tokenizer, concept_ids, concept_phrase, concept_moments
     if config.mlm.weight:
         prompt_set = _prompt_set(config)
         phrase = mlm_phrase(config)
+        masking = dict(mask_prob=config.mlm.mask_prob, concept_ids=concept_ids, mask_token_id=mask_token_id,
+                       protected=protected_tokens(config, tokenizer, concept_ids), max_masked=max_masked,
+                       bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id)
 
     def make_batch(step: int) -> dict:
         rng = np.random.default_rng([config.seed, step])
@@ -256,8 +263,7 @@ def _batch_maker(config, tokenizer, concept_ids, concept_phrase, concept_moments
                          ).astype(np.int32))
         if prompt_set is not None:
             ids = tokenizer_lib.tokenize(tokenizer, prompt_set.sample(rng, config.mlm.batch_size, phrase))
-            _, masked = mask_concept_prompts(ids, rng, config=config, tokenizer=tokenizer, concept_ids=concept_ids,
-                                             mask_token_id=mask_token_id, max_masked=max_masked)
+            _, masked = mask_concept_prompts(ids, rng, **masking)
             batch.update(mlm_input_ids=masked.input_ids.astype(np.int32), mlm_labels=masked.labels.astype(np.int32),
                          mlm_mask=masked.mask)
         return batch

@@ -31,12 +31,14 @@ def process_rows(batch: dict, process_index: int, process_count: int) -> dict:
 
 
 def batch_iterator(make_batch: Callable[[int], dict], *, start_step: int = 0, process_index: int = 0,
-                   process_count: int = 1, place: Callable[[dict], dict] | None = None, threads: int = 2,
+                   process_count: int = 1, place: Callable[[dict], dict] | None = None, threads: int = 1,
                    prefetch: int = 4) -> grain.DatasetIterator:
     """An iterator over this process's batches from ``start_step`` on.
 
     ``place`` (e.g. ``sharding.shard_batch``) puts each batch on the devices inside the prefetching
-    threads, so transfers overlap the previous step. Its ``get_state()``/``set_state()``
+    thread, so transfers overlap the previous step. One thread by default: a batch takes a few
+    milliseconds, and a single producer keeps batch making free of any shared-state race (two
+    threads once shared a tokenizer's padding state, see ``tokenizer.tokenize``). Its ``get_state()``/``set_state()``
     (JSON-serialisable) record and restore the position.
     """
     def batch(step: int) -> dict:

@@ -127,8 +127,10 @@ def prompt_batches(run: TrainedRun, templates: list[str], *, seed: int,
 
     ids = tokenizer_lib.tokenize(tokenizer, [t.replace(SLOT, phrase) for t in templates]).astype(np.int32)
     class_ids = tokenizer_lib.tokenize(tokenizer, [t.replace(SLOT, class_noun) for t in templates]).astype(np.int32)
-    ids, masked = method_lib.mask_concept_prompts(ids, _mask_rng(seed), config=config, tokenizer=tokenizer,
-                                                  concept_ids=concept_ids, mask_token_id=mask_token_id)
+    ids, masked = method_lib.mask_concept_prompts(
+        ids, _mask_rng(seed), mask_prob=config.mlm.mask_prob, concept_ids=concept_ids,
+        protected=method_lib.protected_tokens(config, tokenizer, concept_ids), mask_token_id=mask_token_id,
+        bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id)
     class_ids = np.tile(class_ids, (len(concept_ids), 1))
 
     is_concept = (ids >= vocab_size) & (ids < vocab_size + len(concept_ids))

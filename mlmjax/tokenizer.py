@@ -12,6 +12,7 @@ import functools
 import gzip
 import importlib.resources
 import os
+import threading
 
 from transformers import CLIPTokenizer
 
@@ -88,7 +89,13 @@ def add_concept_tokens(tokenizer: CLIPTokenizer, tokens: list[str]) -> list[int]
     return tokenizer.convert_tokens_to_ids(tokens)
 
 
+# A transformers tokenizer sets its padding and truncation state on every call, so two threads
+# tokenizing at once (the batch pipeline prefetches in threads) can corrupt each other's output.
+_TOKENIZE_LOCK = threading.Lock()
+
+
 def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]):
-    """Token ids ``[len(prompts), 77]``, padded and truncated as Stable Diffusion does."""
-    return tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_LENGTH,
-                     return_tensors="np").input_ids
+    """Token ids ``[len(prompts), 77]``, padded and truncated as Stable Diffusion does; thread-safe."""
+    with _TOKENIZE_LOCK:
+        return tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_LENGTH,
+                         return_tensors="np").input_ids

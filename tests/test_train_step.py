@@ -180,3 +180,19 @@ def test_each_method_lowers_its_loss_and_freezes_the_rest(name, learning_rate, p
     for a, b in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(frozen_before)):
         np.testing.assert_array_equal(np.asarray(a), b)
     assert int(state.step) == 30
+
+
+def test_batches_are_pure_in_the_step_and_safe_to_make_in_threads(pictures, contextualizer_dir):
+    """The batch pipeline prefetches in threads: batches made concurrently must be the sequential ones
+    (a shared tokenizer once made them differ)."""
+    import concurrent.futures
+
+    setup = build(load_config("xti"), pictures, contextualizer_dir)
+    sequential = [setup.make_batch(step) for step in range(24)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        concurrent_batches = list(pool.map(setup.make_batch, range(24)))
+    for step, (a, b) in enumerate(zip(sequential, concurrent_batches)):
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=f"step {step}: {name}")
+    assert not np.array_equal(sequential[0]["mlm_input_ids"], sequential[1]["mlm_input_ids"])
