@@ -4,8 +4,10 @@ never half of one)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from typing import Iterator
 
 
 def read_json_object(path: str, error: type[Exception] = ValueError, hint: str = "") -> dict:
@@ -23,12 +25,28 @@ def read_json_object(path: str, error: type[Exception] = ValueError, hint: str =
     return data
 
 
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """A temporary path beside ``path`` to write; renamed onto ``path`` when the block succeeds,
+    removed when it fails. For writers that take a path (``savefig``, image encoders).
+
+    The temporary name is hidden (``.name.<pid>.tmp``, in the same folder so the rename stays on one
+    filesystem): folder readers that skip dot files never take a half-written file for a real one.
+    """
+    folder, name = os.path.split(path)
+    temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):  # the writer failed part way
+            os.remove(temporary)
+
+
 def write_text_atomic(path: str, text: str) -> None:
     """Writes ``text`` to a temporary file beside ``path`` and renames it into place."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w") as f:
+    with atomic_path(path) as temporary, open(temporary, "w") as f:
         f.write(text)
-    os.replace(temporary, path)
 
 
 def write_json_atomic(path: str, data: dict) -> None:

@@ -145,13 +145,8 @@ def write_figure(runs: Sequence[Run], path: str) -> None:
     """Plots ``runs`` into the PNG ``path``, atomically: a reader or a kill mid-write sees the previous
     file or the new one, never part of one."""
     figure = plot_runs(runs)
-    temporary = f"{path}.{os.getpid()}.tmp"  # beside it: the rename stays on one filesystem
-    try:
+    with files.atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=100)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):  # savefig failed part way
-            os.remove(temporary)
 
 
 def write_loss_curve(workdir: str) -> str | None:

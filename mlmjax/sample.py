@@ -18,7 +18,6 @@ float rounding), and the same command gives the same PNGs.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from mlmjax import files
 from mlmjax import runtime
 from mlmjax import sampling
 from mlmjax import tokenizer as tokenizer_lib
@@ -76,8 +76,7 @@ def sample_run(run: workdir_lib.TrainedRun, prompts: Sequence[str], *, out: str,
     per_prompt = [sampling.save_images(images[p * num_images:(p + 1) * num_images], out, f"prompt{p:03d}")
                   for p in range(len(texts))]
     sampling.save_grid(images, out, columns=num_images)
-    with open(os.path.join(out, "prompts.txt"), "w") as f:
-        f.write("\n".join(texts) + "\n")
+    files.write_text_atomic(os.path.join(out, "prompts.txt"), "\n".join(texts) + "\n")
     record = {
         "workdir": os.path.abspath(run.workdir), "checkpoint_step": run.step, "concept_phrase": run.concept_phrase,
         "seed": seed, "scheduler": scheduler, "steps": steps, "guidance": guidance, "num_images": num_images,
@@ -85,8 +84,7 @@ def sample_run(run: workdir_lib.TrainedRun, prompts: Sequence[str], *, out: str,
         "prompts": [{"prompt": prompt, "text": text, "images": [os.path.basename(path) for path in paths]}
                     for prompt, text, paths in zip(prompts, texts, per_prompt)],
     }
-    with open(os.path.join(out, RECORD_FILE), "w") as f:
-        f.write(json.dumps(record, indent=2) + "\n")
+    files.write_json_atomic(os.path.join(out, RECORD_FILE), record)  # last: it marks the folder complete
     return [path for paths in per_prompt for path in paths]
 
 

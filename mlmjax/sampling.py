@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mlmjax import files
 from mlmjax import tokenizer as tokenizer_lib
 from mlmjax.models.vae import AutoencoderKL
 from mlmjax.noise_schedule import NoiseSchedule
@@ -306,14 +307,8 @@ def save_png(image: np.ndarray, path: str) -> None:
     """
     from PIL import Image
 
-    folder, name = os.path.split(path)
-    temporary = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    try:
+    with files.atomic_path(path) as temporary:
         Image.fromarray(image).save(temporary, format="PNG")
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def save_images(images: np.ndarray, folder: str, prefix: str) -> list[str]:

@@ -25,6 +25,8 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import safetensors.numpy
 
+from mlmjax import files
+
 # PyTorch attributes that are nn.ModuleList / nn.Sequential: their children are addressed by index.
 _LIST_CONTAINERS = frozenset({
     "down_blocks", "up_blocks", "resnets", "attentions", "upsamplers", "downsamplers",
@@ -248,6 +250,5 @@ def _load_sharded(index_path: str) -> dict[str, np.ndarray]:
 
 def write_safetensors(path: str, state_dict: Mapping[str, np.ndarray]) -> None:
     """Writes atomically: a crash never leaves a half-written weights file under the final name."""
-    tmp = path + ".tmp"
-    safetensors.numpy.save_file(dict(state_dict), tmp, metadata={"format": "pt"})
-    os.replace(tmp, path)
+    with files.atomic_path(path) as temporary:
+        safetensors.numpy.save_file(dict(state_dict), temporary, metadata={"format": "pt"})
