@@ -50,5 +50,7 @@ setup(
             *TFDS,  # the tfds: image sources are tested too
         ],
         "tfds": TFDS,
+        # python -m mlmjax.bench's PyTorch reference step (mlmjax itself never imports torch).
+        "bench": ["torch==2.13.0", "diffusers>=0.40", "transformers>=5,<6"],
     },
 )

@@ -78,7 +78,9 @@ def ensure_class_images(model: Pretrained, folder: str, *, prompt: str, count: i
     if not missing:
         return folder
     spec = sampling.plain_spec(model)
-    params = {name: model.params[name] for name in ("text_encoder", "unet")}
+    # On the devices once, not per batch (weights read from disk are host arrays).
+    params, vae_params = sampling.place_weights({name: model.params[name] for name in ("text_encoder", "unet")},
+                                                model.params["vae"])
     ids = np.repeat(tokenizer_lib.tokenize(model.tokenizer, [prompt]).astype(np.int32), batch_size, axis=0)
     latent_hw = (resolution // model.vae_scale_factor,) * 2
     for batch in tqdm(sorted({i // batch_size for i in missing}), desc="class images", unit="batch",
@@ -86,7 +88,7 @@ def ensure_class_images(model: Pretrained, folder: str, *, prompt: str, count: i
         # Whole batches, padded past `count` with the next indices' keys: a batch's content never
         # depends on the count or on which of its images were already there.
         indices = range(batch * batch_size, (batch + 1) * batch_size)
-        images = sampling.generate(spec, params, model.vae, model.params["vae"], ids,
+        images = sampling.generate(spec, params, model.vae, vae_params, ids,
                                    sampling.image_keys(seed, 0, indices), scheduler_config=model.scheduler_config,
                                    latent_hw=latent_hw, tokenizer=model.tokenizer, scheduler=scheduler,
                                    num_steps=steps, guidance_scale=guidance, compiler_options=compiler_options)

@@ -16,8 +16,8 @@ file and what to do. :func:`fingerprint` hashes the same bytes, so a resumed run
 Moments. The concept set is a handful of photos, so every augmentation (each image, flipped or not) is
 encoded by the VAE once, at start-up, and the train step samples latents from the cached posterior
 moments. A batch is a pure function of (seed, step): resuming at step k draws exactly what an
-uninterrupted run draws at step k, and every process can draw the global batch and keep its
-:func:`process_share`.
+uninterrupted run draws at step k, and every process can draw the global batch and feed the rows its
+devices hold (``sharding.process_rows``).
 """
 
 from __future__ import annotations
@@ -231,26 +231,6 @@ def fingerprint(source: str) -> str:
         digest.update(record.name.encode() + b"\0" + len(record.data).to_bytes(8, "little"))
         digest.update(record.data)
     return digest.hexdigest()
-
-
-def process_share(n: int, process_index: int, process_count: int) -> slice:
-    """The rows of a global batch of ``n`` that process ``process_index`` of ``process_count`` feeds.
-
-    Equal contiguous blocks in process order: process i holds rows ``[i·n/p, (i+1)·n/p)``. That is how a
-    batch sharded over the data axis of a mesh built by ``jax.make_mesh`` (devices listed process by
-    process) is laid out, so each process draws the whole global batch (a pure function of seed and step,
-    cheap from cached moments) and passes ``batch[share]`` to ``jax.make_array_from_process_local_data``.
-
-    Raises:
-      ValueError: ``n`` is not a multiple of ``process_count``, or ``process_index`` is out of range.
-    """
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} is not in [0, process_count={process_count})")
-    if n < 0 or n % process_count:
-        raise ValueError(f"a global batch of {n} rows does not split evenly over {process_count} processes; "
-                         f"use a batch size that is a multiple of {process_count}")
-    rows = n // process_count
-    return slice(process_index * rows, (process_index + 1) * rows)
 
 
 # ---------------------------------------------------------------------------------------------------

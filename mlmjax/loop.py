@@ -6,6 +6,9 @@ JSON object per logged step, with ``step``; the run's record) and to TensorBoard
 ``tensorboard/`` (:mod:`mlmjax.tensorboard_log`), saves checkpoints through a callback, stops cleanly
 on SIGTERM, and stops, naming the step, if the loss stops being finite. When it stops it plots
 ``metrics.jsonl`` into ``loss_curve.png`` (:mod:`mlmjax.plots`).
+
+With several processes (:mod:`mlmjax.distributed`) every process runs the same loop (steps, checks,
+saves: all collective), and process 0 alone writes the files and shows the bar.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
+from mlmjax import distributed
 from mlmjax import files
 from mlmjax import tensorboard_log
 
@@ -45,6 +49,7 @@ class LoopEnd:
     state: Any
     step: int  # steps done
     preempted: bool  # stopped by SIGTERM (state saved) before max_steps
+    metrics: dict[str, float] | None = None  # the last logged row (every process has it); None if none ran
 
 
 def _to_floats(metrics: dict) -> dict[str, float]:
@@ -76,7 +81,10 @@ def _unless_missing(what: str, make: Callable[[], T]) -> T | None:
 @contextlib.contextmanager
 def _tensorboard(workdir: str, first_step: int) -> Iterator[Callable[[dict[str, float]], None]]:
     """``write(row)`` into a new event file (see :mod:`mlmjax.tensorboard_log`), closed with the block;
-    a no-op without tensorboardX."""
+    a no-op without tensorboardX, and on every process but process 0."""
+    if not distributed.is_primary():
+        yield lambda row: None
+        return
     writer = _unless_missing("TensorBoard event files", lambda: tensorboard_log.ScalarWriter(workdir, first_step))
     if writer is None:
         yield lambda row: None
@@ -88,11 +96,12 @@ def _tensorboard(workdir: str, first_step: int) -> Iterator[Callable[[dict[str, 
 @contextlib.contextmanager
 def _loss_curve_when_done(workdir: str) -> Iterator[None]:
     """Plots ``metrics.jsonl`` into ``loss_curve.png`` when the block ends: normally, on SIGTERM, or
-    when the loss diverged (the curve up to there is the first thing to look at)."""
+    when the loss diverged (the curve up to there is the first thing to look at). Process 0 only."""
     from mlmjax import plots  # here: plots reads metrics.jsonl through this module
 
     def plot() -> None:
-        _unless_missing(plots.LOSS_CURVE_FILE, lambda: plots.write_loss_curve(workdir))
+        if distributed.is_primary():
+            _unless_missing(plots.LOSS_CURVE_FILE, lambda: plots.write_loss_curve(workdir))
 
     try:
         yield
@@ -103,10 +112,18 @@ def _loss_curve_when_done(workdir: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _metrics_log(path: str) -> Iterator[Any]:
+    """``metrics.jsonl`` opened for appending on process 0; a sink that drops every row elsewhere."""
+    with open(path if distributed.is_primary() else os.devnull, "a") as log:
+        yield log
+
+
+@contextlib.contextmanager
 def preemption_guard() -> Iterator[threading.Event]:
     """An event set by SIGTERM (how TPU and SLURM preemption arrive) while the block runs.
 
-    The loop checks it between steps, saves and returns; the previous handler comes back after.
+    The loop checks it between steps, saves and returns; the previous handler comes back after (the
+    default one where the previous was not Python's: ``jax.distributed`` installs its own in C++).
     Outside the main thread (where Python allows no handlers) the event simply never fires.
     """
     event = threading.Event()
@@ -117,7 +134,7 @@ def preemption_guard() -> Iterator[threading.Event]:
     try:
         yield event
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def train_loop(
@@ -146,24 +163,34 @@ def train_loop(
     good checkpoint. A metrics row is logged at the run's first step and every ``log_every``
     steps, so a resumed run logs exactly the rows of an uninterrupted one. ``loss_curve.png`` is
     written when the loop returns (SIGTERM included) or the loss diverges.
+
+    With several processes every one calls this together: the checks and saves happen on all of them
+    at the same steps (the metrics are replicated; ``stop`` set on any process stops all at the same
+    step), and only process 0 writes ``metrics.jsonl``, TensorBoard and the curve, and shows the bar.
     """
     path = os.path.join(workdir, METRICS_FILE)
-    done, last_finite = start_step, None
+    done, last_finite, row = start_step, None, None
     if start_step >= max_steps:  # a finished run rerun: nothing to run, log or plot
         return LoopEnd(state=state, step=done, preempted=False)
+    several = jax.process_count() > 1
+    # The step was just compiled (or read from the compilation cache) by each process on its own:
+    # wait for the slowest before the first collective.
+    distributed.barrier("train loop start")
     # This session's TensorBoard file supersedes what earlier files hold from its first step on, as
     # truncate_metrics did for metrics.jsonl before a resume. The bar opens last, so that a warning
     # printed on the way in gets a line of its own.
     with (_loss_curve_when_done(workdir),
-          open(path, "a") as log,
+          _metrics_log(path) as log,
           _tensorboard(workdir, first_step=start_step + 1) as write_scalars,
           tqdm(range(start_step, max_steps), initial=start_step, total=max_steps, desc=description,
-               dynamic_ncols=True, mininterval=1.0) as bar):
+               dynamic_ncols=True, mininterval=1.0, disable=not distributed.is_primary()) as bar):
         last_time, last_step = time.perf_counter(), start_step
         for step in bar:
             state, metrics = step_fn(state, next(batches), rng)
             done = step + 1
             stopping = stop is not None and stop.is_set()
+            if several and stop is not None:  # a SIGTERM on one host stops every host at this step
+                stopping = distributed.any_process(stopping)
             saving = save is not None and (stopping or done == max_steps or (save_every and done % save_every == 0))
             logging = done % log_every == 0 or done == max_steps or step == 0
             if not (saving or logging):
@@ -191,7 +218,7 @@ def train_loop(
                 last_saved_step = done
             if stopping:
                 break
-    return LoopEnd(state=state, step=done, preempted=done < max_steps)
+    return LoopEnd(state=state, step=done, preempted=done < max_steps, metrics=row)
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -206,7 +233,10 @@ def read_metrics(workdir: str) -> list[dict]:
 def truncate_metrics(workdir: str, step: int) -> None:
     """Drops the rows after ``step``: a resumed run re-logs the steps after its checkpoint.
 
-    Rewrites the file atomically, so an interruption here loses nothing.
+    Rewrites the file atomically, so an interruption here loses nothing. Process 0 only: another
+    process's rewrite could replace the file under process 0's open log.
     """
+    if not distributed.is_primary():
+        return
     rows = [row for row in read_metrics(workdir) if row["step"] <= step]
     files.write_text_atomic(os.path.join(workdir, METRICS_FILE), "".join(json.dumps(row) + "\n" for row in rows))

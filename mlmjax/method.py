@@ -20,6 +20,7 @@ import optax
 
 from mlmjax import data as data_lib
 from mlmjax import mlm
+from mlmjax import sharding
 from mlmjax import tokenizer as tokenizer_lib
 from mlmjax import trainable
 from mlmjax.models import contextualizer as contextualizer_lib
@@ -72,13 +73,13 @@ def _concept_tokens(tokenizer, config: ml_collections.ConfigDict, count: int, vo
     return ids
 
 
-def _init_embedding(model: Pretrained, tokenizer, word: str, count: int) -> jax.Array:
-    """``[count, D]`` copies of the embedding of ``word``, which must be a single token."""
+def _init_embedding(model: Pretrained, tokenizer, word: str, count: int) -> np.ndarray:
+    """``[count, D]`` float32 copies of the embedding of ``word`` (a single token), on the host."""
     ids = tokenizer.encode(word, add_special_tokens=False)
     if len(ids) != 1:
         raise ValueError(f"config.concept.init_word={word!r} is {len(ids)} tokens; choose a single-token word")
     table = model.params["text_encoder"]["embeddings"]["token_embedding"]["embedding"]
-    return jnp.tile(table[ids[0]][None].astype(jnp.float32), (count, 1))
+    return np.tile(np.asarray(table[ids[0]], np.float32)[None], (count, 1))
 
 
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -117,12 +118,14 @@ class MethodState:
     max_masked: int
 
 
-def build_state(config: ml_collections.ConfigDict, model: Pretrained, *,
-                contextualizer_folder: str | None) -> MethodState:
+def build_state(config: ml_collections.ConfigDict, model: Pretrained, *, contextualizer_folder: str | None,
+                mesh: jax.sharding.Mesh | None = None) -> MethodState:
     """The train state of ``config`` on ``model``; adds the concept tokens to ``model.tokenizer``.
 
-    With ``mlm.weight`` 0 no contextualizer is read (inference and export build the state this way:
-    the MLM branch never holds trainable parameters).
+    The state is created directly in its shardings on ``mesh`` (default: every device, data-parallel;
+    a training run passes its ``config.mesh``): the weights go from the host to their shards once and
+    the optimizer state is born sharded. With ``mlm.weight`` 0 no contextualizer is read (inference
+    and export build the state this way: the MLM branch never holds trainable parameters).
     """
     tokenizer = model.tokenizer
     text_config = model.text_encoder.config
@@ -151,14 +154,16 @@ def build_state(config: ml_collections.ConfigDict, model: Pretrained, *,
     schedule = NoiseSchedule.from_config(model.scheduler_config)
     compute_dtype = jnp.dtype(config.compute_dtype)
     spec = StepSpec(
-        text_encoder=model.text_encoder.clone(dtype=compute_dtype), unet=model.unet.clone(dtype=compute_dtype),
+        text_encoder=model.text_encoder.clone(dtype=compute_dtype),
+        unet=model.unet.clone(dtype=compute_dtype, remat=bool(config.remat)),
         contextualizer=None if contextualizer is None else contextualizer.clone(dtype=compute_dtype),
         prediction_type=schedule.prediction_type, scaling_factor=float(model.vae.config.scaling_factor),
         alphas_cumprod=tuple(float(a) for a in schedule.alphas_cumprod),
         layer_tokens=_layer_tokens(config, model.unet.config),
         prior_weight=float(config.prior.weight), mlm_weight=float(config.mlm.weight),
         max_masked=max_masked, learning_rate=float(config.learning_rate))
-    state = TrainState.create(params=trainable_params, frozen=frozen, spec=spec, tx=optimizer(config))
+    state = TrainState.create(params=trainable_params, frozen=frozen, spec=spec, tx=optimizer(config),
+                              mesh=mesh or sharding.make_mesh(sharding.DATA_PARALLEL))
     return MethodState(
         state=state, label_tree=label_tree, concept_ids=concept_ids,
         concept_tokens=tokenizer.convert_ids_to_tokens(concept_ids),
@@ -182,10 +187,11 @@ def batch_function(config: ml_collections.ConfigDict, model: Pretrained, built: 
 
 
 def build(config: ml_collections.ConfigDict, model: Pretrained, *, concept_images: np.ndarray,
-          class_images: np.ndarray | None, contextualizer_folder: str | None) -> Setup:
+          class_images: np.ndarray | None, contextualizer_folder: str | None,
+          mesh: jax.sharding.Mesh | None = None) -> Setup:
     """:func:`build_state` and :func:`batch_function` together (``contextualizer_folder``: a folder
     from ``save_contextualizer``, needed when ``mlm.weight`` > 0)."""
-    built = build_state(config, model, contextualizer_folder=contextualizer_folder)
+    built = build_state(config, model, contextualizer_folder=contextualizer_folder, mesh=mesh)
     make_batch = batch_function(config, model, built, concept_images=concept_images, class_images=class_images)
     return Setup(model=model, state=built.state, make_batch=make_batch, concept_phrase=built.concept_phrase,
                  label_tree=built.label_tree)

@@ -1,9 +1,10 @@
 """The stream of training batches: a grain pipeline over step numbers, with a checkpointable position.
 
 A batch is a pure function of (seed, step) (``method.make_batch``), so the pipeline is simply
-``step -> make_batch(step) -> this process's rows``, prefetched by a few host threads while the
-device runs the previous step. Its iterator state (``{"next_index": step}``) goes into every
-checkpoint; restoring it makes a resumed run draw exactly the batches an uninterrupted run draws.
+``step -> make_batch(step) -> on the devices`` (each process feeding the rows its devices hold,
+``sharding.process_rows``), prefetched by a few host threads while the device runs the previous step.
+Its iterator state (``{"next_index": step}``) goes into every checkpoint; restoring it makes a
+resumed run draw exactly the batches an uninterrupted run draws.
 """
 
 from __future__ import annotations
@@ -12,37 +13,25 @@ from typing import Callable
 
 import grain
 
-from mlmjax import data as data_lib
-
 # Steps are indices into an endless range: raising max_steps on resume changes nothing upstream.
 _ENDLESS = 2**62
 
 
-def process_rows(batch: dict, process_index: int, process_count: int) -> dict:
-    """This process's share of a global batch (:func:`mlmjax.data.process_share` of every array).
-
-    Every process computes the same global batch from (seed, step) on the host, which is cheap (the
-    images are cached moments), and keeps only its rows: no host holds or sends another's examples.
-    """
-    if process_count == 1:
-        return batch
-    return {name: array[data_lib.process_share(array.shape[0], process_index, process_count)]
-            for name, array in batch.items()}
-
-
-def batch_iterator(make_batch: Callable[[int], dict], *, start_step: int = 0, process_index: int = 0,
-                   process_count: int = 1, place: Callable[[dict], dict] | None = None, threads: int = 1,
+def batch_iterator(make_batch: Callable[[int], dict], *, start_step: int = 0,
+                   place: Callable[[dict], dict] | None = None, threads: int = 1,
                    prefetch: int = 4) -> grain.DatasetIterator:
-    """An iterator over this process's batches from ``start_step`` on.
+    """An iterator over the global batches from ``start_step`` on, each passed through ``place``.
 
     ``place`` (e.g. ``sharding.shard_batch``) puts each batch on the devices inside the prefetching
-    thread, so transfers overlap the previous step. One thread by default: a batch takes a few
-    milliseconds, and a single producer keeps batch making free of any shared-state race (two
-    threads once shared a tokenizer's padding state, see ``tokenizer.tokenize``). Its ``get_state()``/``set_state()``
-    (JSON-serialisable) record and restore the position.
+    thread, so transfers overlap the previous step; with several processes it is ``place`` that picks
+    the rows this process feeds (``sharding.process_rows``). One thread by default: a batch
+    takes a few milliseconds, and a single producer keeps batch making free of any shared-state race
+    (two threads once shared a tokenizer's padding state, see ``tokenizer.tokenize``). Its
+    ``get_state()``/``set_state()`` (JSON-serialisable) record and restore the position.
     """
+
     def batch(step: int) -> dict:
-        rows = process_rows(make_batch(int(step)), process_index, process_count)
+        rows = make_batch(int(step))
         return rows if place is None else place(rows)
 
     dataset = grain.MapDataset.range(_ENDLESS).map(batch)

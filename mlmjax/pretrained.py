@@ -66,7 +66,10 @@ class Pretrained:
       tokenizer: a transformers ``CLIPTokenizer`` (no torch needed).
       text_encoder, unet, vae: Flax modules; call them with ``module.apply({'params': p}, ...)``.
       scheduler_config: the ``scheduler/scheduler_config.json`` dict (betas, prediction type, ...).
-      params: ``{'text_encoder': ..., 'unet': ..., 'vae': ...}``, plain nested dicts of jax arrays.
+      params: ``{'text_encoder': ..., 'unet': ..., 'vae': ...}``, plain nested dicts of numpy arrays on
+        the host: whoever uses them puts them where they belong (a train state puts each onto its
+        sharding on the mesh, so no device ever holds a whole copy first). Jitted functions accept
+        them as they are; one called many times should be given them ``jax.device_put`` once.
       path: the folder it was loaded from, if any.
     """
     tokenizer: Any
@@ -101,9 +104,9 @@ def init_component(component: str, module, seed: int) -> dict:
     """Random parameters for ``module``, deterministic in ``seed``, float32.
 
     Kernels are LeCun-normal (N(0, 1/fan_in)), embeddings N(0, 0.02), norm scales 1, biases 0, drawn
-    with numpy from the abstract shapes. ``module.init`` would give the same kind of weights, but XLA
-    takes ~40 s to compile it even for the tiny UNet (one inlined truncated-normal sampler per tensor);
-    this takes milliseconds.
+    with numpy from the abstract shapes, and returned as numpy arrays on the host. ``module.init``
+    would give the same kind of weights, but XLA takes ~40 s to compile it even for the tiny UNet
+    (one inlined truncated-normal sampler per tensor); this takes milliseconds.
     """
     rng = np.random.default_rng(seed)
 
@@ -120,7 +123,7 @@ def init_component(component: str, module, seed: int) -> dict:
             return np.zeros(leaf.shape, np.float32)
         raise ValueError(f"no initialiser for parameter {jax.tree_util.keystr(path)}")
 
-    return jax.tree.map(jnp.asarray, jax.tree_util.tree_map_with_path(draw, abstract_params(component, module)))
+    return jax.tree_util.tree_map_with_path(draw, abstract_params(component, module))
 
 
 def abstract_params(component: str, module) -> dict:
@@ -132,7 +135,8 @@ def abstract_params(component: str, module) -> dict:
 def load_component(folder: str, component: str, dtype=jnp.float32):
     """Loads one network (``text_encoder``, ``unet`` or ``vae``) from its sub-folder.
 
-    Returns ``(module, params)``; the module computes in ``dtype`` and the parameters are ``dtype``.
+    Returns ``(module, params)``; the module computes in ``dtype`` and the parameters are ``dtype``
+    numpy arrays on the host (see :class:`Pretrained`).
     """
     spec = _COMPONENTS[component]
     config_path = os.path.join(folder, "config.json")
@@ -141,7 +145,7 @@ def load_component(folder: str, component: str, dtype=jnp.float32):
     params = weights.params_from_state_dict(
         state_dict, abstract_params(component, module), source=source, dtype=np.dtype(dtype),
         rename=spec.module.rename_checkpoint_key, ignore=spec.module.IGNORED_CHECKPOINT_KEYS)
-    return module, jax.tree.map(jnp.asarray, params)
+    return module, params
 
 
 def load_pretrained(path: str, dtype=jnp.float32) -> Pretrained:

@@ -9,9 +9,10 @@ would have done. SIGTERM saves and returns early (``LoopEnd.preempted``).
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +27,9 @@ from mlmjax import workdir as workdir_lib
 def _start_or_resume(state: Any, make_batch: Callable[[int], dict], checkpointer: checkpoint_lib.Checkpointer,
                      run_identity: dict, workdir: str, seed: int, mesh: jax.sharding.Mesh):
     """(state, start step, run key, batch iterator): fresh, or restored from the latest checkpoint."""
-    rng = jax.random.key(seed)
-    batches = pipeline.batch_iterator(make_batch, process_index=jax.process_index(),
-                                      process_count=jax.process_count(),
-                                      place=lambda batch: sharding.shard_batch(batch, mesh))
+    # Replicated on the mesh like every argument of the compiled step, which takes no other placement.
+    rng = sharding.replicate_key(jax.random.key(seed), mesh)
+    batches = pipeline.batch_iterator(make_batch, place=lambda batch: sharding.shard_batch(batch, mesh))
     # Fresh and restored states both live in the mesh's shardings (the restore reads straight into
     # them), so a resumed run reuses the executable of an uninterrupted one.
     state = sharding.shard_state(state, mesh)
@@ -45,7 +45,26 @@ def _start_or_resume(state: Any, make_batch: Callable[[int], dict], checkpointer
     pipeline.restore(batches, restored["data"], step)
     loop_lib.truncate_metrics(workdir, step)
     print(f"resuming {workdir} from its checkpoint at step {step}", file=sys.stderr, flush=True)
-    return state, step, restored["rng"], batches
+    return state, step, sharding.replicate_key(restored["rng"], mesh), batches
+
+
+def _compile(step_fn: Callable, state: Any, batches: Iterator[dict], rng: jax.Array, mesh: jax.sharding.Mesh,
+             finished: bool) -> tuple[Callable, Iterator[dict]]:
+    """The step compiled ahead of time for the first batch's shapes and shardings, with its compile
+    time, FLOPs and memory on one stderr line, and the batches with that first one put back.
+
+    A run in the same process with the same shapes (a resume) gets the same executable back
+    (:meth:`sharding.StepFunction.compile`). A finished run compiles nothing.
+    """
+    jitted = sharding.jit_step(step_fn, state, mesh)
+    if finished:
+        return jitted, batches
+    first = next(batches)
+    reused = jitted.has_compiled(state, first, rng)
+    compiled = jitted.compile(state, first, rng)
+    print(f"train step: {'reusing the executable ' if reused else ''}{compiled.describe()}", file=sys.stderr,
+          flush=True)
+    return compiled, itertools.chain([first], batches)
 
 
 def run(step_fn: Callable[[Any, dict, jax.Array], tuple[Any, dict]], state: Any, make_batch: Callable[[int], dict],
@@ -53,22 +72,25 @@ def run(step_fn: Callable[[Any, dict, jax.Array], tuple[Any, dict]], state: Any,
         keep: int, description: str, mesh: jax.sharding.Mesh | None = None) -> loop_lib.LoopEnd:
     """Runs (or resumes) ``step_fn`` to ``max_steps`` in ``workdir``, which must already hold ``run.json``.
 
-    ``step_fn`` is the pure step (jitted here, state donated, on ``mesh``: default all devices
-    data-parallel). Saves every ``checkpoint_every`` steps (0: only at the end), at the end and on SIGTERM.
+    ``step_fn`` is the pure step, jitted here (state donated, on ``mesh``: default all devices
+    data-parallel) and compiled ahead of time on the first batch; the compile time, FLOPs and
+    per-device memory go to stderr as one ``train step: ...`` line. Saves every ``checkpoint_every``
+    steps (0: only at the end), at the end and on SIGTERM.
     """
-    mesh = mesh or sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+    mesh = mesh or sharding.make_mesh(sharding.DATA_PARALLEL)
     checkpointer = checkpoint_lib.Checkpointer(workdir, keep=keep)
     try:
         state, start_step, rng, batches = _start_or_resume(state, make_batch, checkpointer, run_identity, workdir,
                                                            seed, mesh)
-        step_fn = sharding.jit_step(step_fn, state, mesh)
+        # The loop reads `stream`; `batches` (the same iterator) is what checkpoints record the position of.
+        compiled, stream = _compile(step_fn, state, batches, rng, mesh, start_step >= max_steps)
 
         def save(step: int, state: Any) -> None:
             checkpointer.save(step, params=state.params, opt_state=state.opt_state, rng=rng,
                               data=batches.get_state(), run=run_identity)
 
         with loop_lib.preemption_guard() as preempted:
-            end = loop_lib.train_loop(step_fn, state, batches, rng, max_steps=max_steps, workdir=workdir,
+            end = loop_lib.train_loop(compiled, state, stream, rng, max_steps=max_steps, workdir=workdir,
                                       log_every=log_every, start_step=start_step, description=description,
                                       save=save, save_every=checkpoint_every, stop=preempted,
                                       last_saved_step=checkpointer.latest_step())

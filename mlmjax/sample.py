@@ -96,11 +96,12 @@ def _sample(run: workdir_lib.TrainedRun, texts: list[str], num_images: int, *, s
     total = len(ids)
     batch_size = min(batch_size, total)
     resolution = run.config.resolution or run.model.resolution
+    params, vae_params = sampling.place_weights(run.params, run.model.params["vae"])  # once, not per batch
     batches = []
     for start in tqdm(range(0, total, batch_size), desc="sampling", unit="batch", dynamic_ncols=True):
         # The last batch is padded with copies of the last image, so one executable serves all batches.
         index = np.minimum(np.arange(start, start + batch_size), total - 1)
-        images = sampling.generate(run.spec, run.params, run.model.vae, run.model.params["vae"], ids[index],
+        images = sampling.generate(run.spec, params, run.model.vae, vae_params, ids[index],
                                    keys[index], scheduler_config=run.model.scheduler_config,
                                    latent_hw=(resolution // run.model.vae_scale_factor,) * 2,
                                    tokenizer=run.model.tokenizer, scheduler=scheduler, num_steps=steps,

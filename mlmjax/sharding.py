@@ -18,15 +18,18 @@ the same, and the step still runs.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mlmjax import aot
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
+DATA_PARALLEL = {"data": -1, "fsdp": 1, "tensor": 1}  # every device a data-parallel replica
 # Parameters smaller than this stay replicated: sharding them saves nothing and costs collectives.
 MIN_SHARDED_SIZE = 2**14
 
@@ -76,7 +79,8 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
 
 
 def batch_sharding(rows: int, mesh: Mesh) -> NamedSharding:
-    """Rows over (data, fsdp) when they divide evenly, else replicated."""
+    """Rows over (data, fsdp) when they divide evenly, else replicated (on every device of every
+    process, which then each feed the whole array: see :func:`process_rows`)."""
     ways = mesh.shape["data"] * mesh.shape["fsdp"]
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES) if rows % ways == 0 else PartitionSpec())
 
@@ -85,18 +89,70 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """A host batch (this process's rows, see ``pipeline.process_rows``) as global device arrays."""
+def replicate_key(key: jax.Array, mesh: Mesh) -> jax.Array:
+    """A random key (the same on every process) replicated on ``mesh``, as the compiled step takes it.
+
+    ``jax.device_put`` cannot place a key array on other processes' devices (only plain arrays), so
+    its raw data goes instead and is wrapped back into a key.
+    """
+    data = np.asarray(jax.device_get(jax.random.key_data(key)))
+    return jax.random.wrap_key_data(jax.device_put(data, replicated(mesh)), impl=jax.random.key_impl(key))
+
+
+def held_rows(array_sharding: jax.sharding.Sharding, rows: int, devices=None) -> slice | np.ndarray:
+    """Which rows of an array of ``rows`` rows, laid out by ``array_sharding``, ``devices`` hold (default
+    this process's devices): the distinct row blocks of those devices, in increasing order.
+
+    That is exactly the local data :func:`jax.make_array_from_process_local_data` expects from a
+    process: it maps the i-th block of the local rows to the process's i-th smallest row block. All
+    rows when the array is replicated (or the process's devices hold every block). A slice when the
+    blocks are contiguous (``jax.make_mesh`` lists devices process by process, so they usually are),
+    else an index array.
+    """
+    shape = (rows,)
+    if devices is None:
+        index_map = array_sharding.addressable_devices_indices_map(shape)
+    else:
+        wanted = set(devices)
+        index_map = {d: index for d, index in array_sharding.devices_indices_map(shape).items() if d in wanted}
+    blocks = sorted({(index[0].start or 0, rows if index[0].stop is None else index[0].stop)
+                     for index in index_map.values()})
+    if not blocks:
+        raise ValueError("none of these devices holds a part of the array; is the mesh over this process's devices?")
+    if all(stop == start for (_, stop), (start, _) in zip(blocks, blocks[1:])):
+        return slice(blocks[0][0], blocks[-1][1])
+    return np.concatenate([np.arange(start, stop) for start, stop in blocks])
+
+
+def process_rows(batch: dict, mesh: jax.sharding.Mesh, devices=None) -> dict:
+    """This process's part of a global batch: what it passes to ``jax.make_array_from_process_local_data``.
+
+    Every process computes the same global batch from (seed, step) on the host, which is cheap (the
+    images are cached moments), and keeps the rows its devices hold (:func:`held_rows`) under the
+    array's :func:`batch_sharding`: its block of the rows when they divide the mesh's
+    (data, fsdp) ways, every row when they do not (such an array is replicated: the paper's MLM batch
+    of 25). ``shard_batch`` applies this rule, and only it. ``devices`` (default this
+    process's) lets a test ask for another process's part.
+    """
     out = {}
-    for name, rows in batch.items():
-        rows = np.asarray(rows)
-        global_rows = rows.shape[0] * jax.process_count()
-        sharding = batch_sharding(global_rows, mesh)
-        if jax.process_count() == 1:
-            out[name] = jax.device_put(rows, sharding)
-        else:
-            out[name] = jax.make_array_from_process_local_data(sharding, rows, (global_rows, *rows.shape[1:]))
+    for name, array in batch.items():
+        array = np.asarray(array)
+        out[name] = array[held_rows(batch_sharding(array.shape[0], mesh), array.shape[0], devices)]
     return out
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """The global batch (the same on every process) as global device arrays in :func:`batch_sharding`.
+
+    With several processes each feeds only the rows its devices hold, :func:`process_rows`
+    (all of them for a replicated array), through ``jax.make_array_from_process_local_data``.
+    """
+    batch = {name: np.asarray(rows) for name, rows in batch.items()}
+    if jax.process_count() == 1:
+        return {name: jax.device_put(rows, batch_sharding(rows.shape[0], mesh)) for name, rows in batch.items()}
+    local = process_rows(batch, mesh)
+    return {name: jax.make_array_from_process_local_data(batch_sharding(rows.shape[0], mesh), local[name], rows.shape)
+            for name, rows in batch.items()}
 
 
 def state_shardings(state: Any, mesh: Mesh) -> Any:
@@ -106,22 +162,75 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
 
 
 def shard_state(state: Any, mesh: Mesh) -> Any:
-    """``state`` moved onto ``mesh`` (a no-op for arrays already there)."""
+    """``state`` moved onto ``mesh`` (a no-op for arrays already there). Host (numpy) leaves go
+    straight to their shardings: each device receives only its shard."""
     return jax.device_put(state, state_shardings(state, mesh))
 
 
-_JITTED: dict[tuple, Any] = {}
+def init_on_mesh(init: Callable[[Any], Any], params: Any, mesh: Mesh) -> Any:
+    """``init(params)`` (an optimizer's ``tx.init``) computed on the devices, each output leaf made
+    directly in its :func:`parameter_spec` sharding: an AdamW moment is born sharded like its
+    parameter, never whole on one device (an eager ``tx.init`` puts every zero on device 0)."""
+    shardings = tree_shardings(jax.eval_shape(init, params), mesh)
+    return jax.jit(init, out_shardings=shardings)(params)
 
 
-def jit_step(step_fn: Any, state: Any, mesh: Mesh) -> Any:
+def _signature(tree: Any) -> tuple:
+    """What an AOT executable is specific to: the tree structure and every leaf's shape, dtype, weak
+    type and sharding (arrays and ``ShapeDtypeStruct``s alike)."""
+    def leaf(x):
+        return (tuple(np.shape(x)), str(x.dtype), bool(getattr(x, "weak_type", False)), getattr(x, "sharding", None))
+    return jax.tree.structure(tree), tuple(leaf(x) for x in jax.tree.leaves(tree))
+
+
+class StepFunction:
+    """A jitted step (state donated, state kept in its shardings) and its ahead-of-time executables.
+
+    Call it like the jitted function, or :meth:`compile` it for given arguments first and call the
+    returned :class:`~mlmjax.aot.Compiled`: that compiles exactly once per argument signature, with the
+    compile time, FLOPs and memory measured, and a later run in the same process with the same
+    shapes and shardings (a resumed run) gets the same executable back.
+    """
+
+    def __init__(self, jitted: Any):
+        self.jitted = jitted
+        self._compiled: dict[tuple, aot.Compiled] = {}
+
+    def __call__(self, *args):
+        return self.jitted(*args)
+
+    def lower(self, *args):
+        return self.jitted.lower(*args)
+
+    def has_compiled(self, *args) -> bool:
+        """Whether :meth:`compile` already made the executable for ``args``."""
+        return _signature(args) in self._compiled
+
+    def compile(self, *args) -> aot.Compiled:
+        """The executable for ``args`` (arrays or ``ShapeDtypeStruct``s with shardings), compiled once."""
+        key = _signature(args)
+        if key not in self._compiled:
+            self._compiled[key] = aot.compile_step(self.jitted, *args)
+        return self._compiled[key]
+
+    def _cache_size(self) -> int:
+        """Executables made so far, by calls and by :meth:`compile` (``jax.jit``'s own count covers calls only)."""
+        return self.jitted._cache_size() + len(self._compiled)
+
+
+_JITTED: dict[tuple, StepFunction] = {}
+
+
+def jit_step(step_fn: Any, state: Any, mesh: Mesh) -> StepFunction:
     """``jax.jit(step_fn)`` with the state donated and kept in its shardings from step to step.
 
     Without fixed output shardings XLA may hand back a parameter sharded differently from how it came
-    in, and the next step would compile again. One jitted function per (step function, mesh, state
-    layout), so runs of the same shape in one process share the executable.
+    in, and the next step would compile again. One :class:`StepFunction` per (step function, mesh,
+    state layout), so runs of the same shape in one process share the executable.
     """
     layout = jax.tree.map(lambda x: (tuple(np.shape(x)), str(x.dtype)), state)
     key = (step_fn, mesh, jax.tree.structure(state), tuple(jax.tree.leaves(layout)))
     if key not in _JITTED:
-        _JITTED[key] = jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings(state, mesh), replicated(mesh)))
+        _JITTED[key] = StepFunction(jax.jit(step_fn, donate_argnums=0,
+                                            out_shardings=(state_shardings(state, mesh), replicated(mesh))))
     return _JITTED[key]

@@ -4,6 +4,11 @@ r"""Customize Stable Diffusion with one of four baselines, with or without MLM; 
     python -m mlmjax.train --config configs/ti.py --workdir /tmp/ti-plain --config.mlm.weight=0
     python -m mlmjax.train --config configs/contextualizer.py:tiny --workdir /tmp/ctx
 
+On several hosts, the same command on each with ``--distributed`` (see :mod:`mlmjax.distributed`)::
+
+    python -m mlmjax.train --config configs/ti.py --workdir /shared/ti --distributed \
+        --coordinator_address 10.0.0.2:1234 --num_processes 2 --process_id 0   # 1 on the other host
+
 With ``pretrained``, ``concept.images`` and ``mlm.contextualizer`` left empty, the run uses the
 embedded tiny default (``mlmjax/assets/tiny``): a small SD-shaped model, its pretrained contextualizer,
 and a few photos of a toy teapot. The workdir receives ``config.json``, ``metrics.jsonl`` and, at the
@@ -14,8 +19,10 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import app, flags
+import jax
 import ml_collections
 import numpy as np
 from ml_collections import config_flags
@@ -23,6 +30,7 @@ from ml_collections import config_flags
 from mlmjax import class_images as class_images_lib
 from mlmjax import config as config_lib
 from mlmjax import data as data_lib
+from mlmjax import distributed
 from mlmjax import loop as loop_lib
 from mlmjax import method as method_lib
 from mlmjax import pretrain_contextualizer
@@ -82,9 +90,24 @@ def _read_inputs(config: ml_collections.ConfigDict) -> tuple[pretrained_lib.Pret
     return model, data_lib.load_images(config.concept.images, config.resolution)
 
 
+def _check_class_images_exist(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """A multi-process run does not generate class images (every process would sample and write, see
+    :mod:`mlmjax.distributed`): it needs ``config.prior.images``, or a complete folder in the workdir
+    from an earlier single-process run, where ``ensure_class_images`` only checks the manifest."""
+    if not config.prior.weight or config.prior.images or jax.process_count() == 1:
+        return
+    folder = os.path.join(workdir, CLASS_IMAGES_DIR)
+    complete = os.path.isfile(os.path.join(folder, class_images_lib.MANIFEST)) and all(
+        os.path.isfile(class_images_lib.image_path(folder, i)) for i in range(config.prior.num_images))
+    if not complete:
+        raise ValueError(f"{folder}: a multi-process run does not generate class images; set config.prior.images "
+                         "to a folder of them, or make them with a single-process run on this workdir first")
+
+
 def _class_images(config: ml_collections.ConfigDict, model: pretrained_lib.Pretrained, workdir: str,
                   model_hash: str) -> np.ndarray | None:
-    """The prior-preservation images: the configured folder, or generated once into the workdir."""
+    """The prior-preservation images: the configured folder, or generated once into the workdir
+    (in a multi-process run, found there: see :func:`_check_class_images_exist`)."""
     if not config.prior.weight:
         return None
     folder = config.prior.images or class_images_lib.ensure_class_images(
@@ -110,9 +133,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     saved = workdir_lib.read_identity(workdir)
     if saved is not None:
         workdir_lib.check_same_run(saved, run_identity, workdir)
-    built = method_lib.build_state(config, model, contextualizer_folder=config.mlm.contextualizer or None)
-    # Every user error is behind us: from here on the workdir is written.
-    workdir_lib.write_run_files(workdir, config, run_identity)
+    _check_class_images_exist(config, workdir)
+    built = method_lib.build_state(config, model, contextualizer_folder=config.mlm.contextualizer or None, mesh=mesh)
+    # Every user error is behind us: from here on the workdir is written (by process 0; the others
+    # wait until every process has read the workdir above and until process 0 has written it).
+    distributed.barrier("mlmjax.train: workdir read")
+    if distributed.is_primary():
+        workdir_lib.write_run_files(workdir, config, run_identity)
+    distributed.barrier("mlmjax.train: run files written")
     make_batch = method_lib.batch_function(config, model, built, concept_images=concept_images,
                                            class_images=_class_images(config, model, workdir, hashes["pretrained"]))
     end = resumable.run(train_step_lib.train_step, built.state, make_batch, workdir=workdir,
@@ -121,14 +149,36 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         keep=config.checkpoint.keep, description=config.method,
                         mesh=mesh)
     if config.sample_prompts and not end.preempted:
-        _write_samples(model, end.state, built, config, workdir, end.step)
-    return loop_lib.read_metrics(workdir)[-1]
+        if jax.process_count() == 1:
+            _write_samples(model, end.state, built, config, workdir, end.step)
+        elif distributed.is_primary():
+            print(f"multi-process run: no end-of-run samples; draw them with python -m mlmjax.sample --workdir "
+                  f"{workdir}", file=sys.stderr, flush=True)
+    return end.metrics or loop_lib.read_metrics(workdir)[-1]
 
 
 def define_flags() -> None:
     """The command's flags; defined only when it runs, so importing this module defines none."""
     config_flags.DEFINE_config_file("config", None, "a method config, e.g. configs/ti.py", lock_config=True)
     flags.DEFINE_string("workdir", None, "where config, metrics, checkpoints and samples are written")
+    flags.DEFINE_bool("distributed", False, "one process of a multi-host run: jax.distributed.initialize() before "
+                      "anything else; the workdir must be one folder every host sees")
+    flags.DEFINE_string("coordinator_address", "", "with --distributed: host:port of process 0; empty: detected "
+                        "(TPU pod, SLURM, Open MPI)")
+    flags.DEFINE_integer("num_processes", 0, "with --distributed: how many processes; 0: detected")
+    flags.DEFINE_integer("process_id", -1, "with --distributed: this process's index, 0 .. num_processes-1; "
+                         "-1: detected")
+
+
+def _start_distributed(values: flags.FlagValues) -> None:
+    """``--distributed``: join the other processes before anything touches a device (else check that
+    no process flag was given without it)."""
+    distributed.check_flags(values.distributed, values.coordinator_address, values.num_processes,
+                            values.process_id)
+    if values.distributed and values.config.get("method") == "contextualizer":
+        raise ValueError("--distributed: contextualizer pretraining runs in one process; drop --distributed")
+    if values.distributed:
+        distributed.initialize(values.coordinator_address, values.num_processes, values.process_id)
 
 
 def main(argv: list[str]) -> None:
@@ -139,6 +189,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config and --workdir are required")
     runtime.start_command()
     try:
+        _start_distributed(flags.FLAGS)
         if config.get("method") == "contextualizer":
             pretrain_contextualizer.run(config, workdir)
         else:

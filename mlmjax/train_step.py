@@ -33,8 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from mlmjax import mlm
+from mlmjax import sharding
 from mlmjax.models.clip_text import CLIPTextModel
 from mlmjax.models.contextualizer import Contextualizer
 from mlmjax.models.unet import UNet2DConditionModel
@@ -85,8 +87,20 @@ class TrainState:
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
     @classmethod
-    def create(cls, *, params: dict, frozen: dict, spec: StepSpec, tx: optax.GradientTransformation) -> TrainState:
-        return cls(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
+    def create(cls, *, params: dict, frozen: dict, spec: StepSpec, tx: optax.GradientTransformation,
+               mesh: Mesh | None = None) -> TrainState:
+        """The state at step 0.
+
+        With ``mesh`` every leaf is created in its sharding (:func:`sharding.state_shardings`):
+        ``params`` and ``frozen`` (numpy on the host) go straight to their shards, and the optimizer
+        state is made on the devices by a jit with those output shardings, so no device ever holds
+        an unsharded copy. Without, everything is on the default device.
+        """
+        if mesh is None:
+            return cls(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
+                       spec=spec, tx=tx)
+        step, params, frozen = sharding.shard_state((np.zeros((), np.int32), params, frozen), mesh)
+        return cls(step=step, params=params, frozen=frozen, opt_state=sharding.init_on_mesh(tx.init, params, mesh),
                    spec=spec, tx=tx)
 
 

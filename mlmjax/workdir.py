@@ -28,10 +28,12 @@ from mlmjax.train_step import StepSpec
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
 
-# Config fields a resumed run may change: lengths, intervals and what happens after training.
+# Config fields a resumed run may change: lengths, intervals, what happens after training, and how the
+# step is laid out (mesh sizes, remat: they change float rounding only, and a run that ran out of memory
+# should be able to go on with remat on or over more devices).
 # Paths may change too (a moved model or photo folder) as long as the content hashes agree.
 RESUMABLE = ("max_steps", "log_every", "checkpoint.every", "checkpoint.keep", "sample_steps", "sample_prompts",
-             "mesh.data", "mesh.fsdp", "mesh.tensor",
+             "mesh.data", "mesh.fsdp", "mesh.tensor", "remat",
              "pretrained", "concept.images", "prior.images", "mlm.contextualizer", "captions")
 
 # What a diffusers-layout folder holds that the model is made of (a safety checker or a pickled
@@ -120,11 +122,12 @@ def identity(config: ml_collections.ConfigDict, hashes: dict[str, str]) -> dict:
     return {"config": json.loads(config.to_json()), "fingerprints": hashes}
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A config as JSON (nested dicts) keyed by dotted field names, ``{"mlm.weight": 1e-5, ...}``."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten_config(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -132,7 +135,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def check_same_run(saved: dict, current: dict, where: str) -> None:
     """Raises :class:`AnotherRunError` naming what differs between two identities (see :data:`RESUMABLE`)."""
-    old, new = _flatten(saved["config"]), _flatten(current["config"])
+    old, new = flatten_config(saved["config"]), flatten_config(current["config"])
     changed = [f"config.{key}: {old.get(key)!r} there, {new.get(key)!r} now" for key in sorted(set(old) | set(new))
                if key not in RESUMABLE and old.get(key) != new.get(key)]
     for key in sorted(set(saved["fingerprints"]) | set(current["fingerprints"])):

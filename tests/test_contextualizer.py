@@ -1,4 +1,4 @@
-"""The contextualizer against a PyTorch ContextNetV3 written from PAPER.md §1.2, and its converter."""
+"""The contextualizer against the PyTorch ContextNetV3 (PAPER.md §1.2; ``mlmjax.bench_torch``), and its converter."""
 
 import functools
 import json
@@ -10,10 +10,9 @@ import pytest
 import safetensors.numpy
 import safetensors.torch
 import torch
-from torch import nn
 
 from helpers import relative_error
-from mlmjax import convert_contextualizer, weights
+from mlmjax import bench_torch, convert_contextualizer, weights
 from mlmjax.models import contextualizer as ctx
 
 SMALL = ctx.ContextualizerConfig(hidden_size=32, num_heads=4, ffn_size=128, vocab_size=100)
@@ -26,44 +25,12 @@ def apply(module: ctx.Contextualizer, params, x, method=None):
     return module.apply({"params": params}, x, method=method)
 
 
-class TorchFeedForward(nn.Module):
-    def __init__(self, width: int, ffn_size: int):
-        super().__init__()
-        self.W_ff1 = nn.Linear(width, ffn_size)
-        self.W_ff2 = nn.Linear(ffn_size, width)
-
-    def forward(self, x):
-        return self.W_ff2(torch.relu(self.W_ff1(x)))
+def TorchContextNetV3(config: ctx.ContextualizerConfig):
+    """The PyTorch reference (mlmjax.bench_torch's, the one the benchmark times), from a config."""
+    return bench_torch.contextualizer_class()(config.to_dict())
 
 
-class TorchContextNetV3(nn.Module):
-    """The authors' architecture: x+pos; LN(x+MHA(x)) blocks; FFN after all but the last; Linear."""
-
-    def __init__(self, c: ctx.ContextualizerConfig):
-        super().__init__()
-        self.c = c
-        self.register_buffer("position_ids", torch.arange(c.num_positions).expand((1, -1)))
-        self.position_embedding = nn.Embedding(c.num_positions, c.hidden_size)
-        for i in range(1, c.num_blocks + 1):
-            attention = nn.MultiheadAttention(c.hidden_size, c.num_heads, batch_first=True)
-            setattr(self, f"multi_head_attention{i}", attention)
-            setattr(self, f"layer_norm{i}", nn.LayerNorm(c.hidden_size))
-            if i < c.num_blocks:
-                setattr(self, f"feed_forward{i}", TorchFeedForward(c.hidden_size, c.ffn_size))
-        self.final = nn.Linear(c.hidden_size, c.vocab_size)
-
-    def forward(self, x):
-        x = x + self.position_embedding(self.position_ids)
-        for i in range(1, self.c.num_blocks + 1):
-            out, _ = getattr(self, f"multi_head_attention{i}")(x, x, x)
-            x = getattr(self, f"layer_norm{i}")(x + out)
-            if i < self.c.num_blocks:
-                y = getattr(self, f"feed_forward{i}")(x)
-                x = x + y if self.c.ffn_residual else y
-        return self.final(x)
-
-
-def random_torch_model(config: ctx.ContextualizerConfig, seed: int = 0) -> TorchContextNetV3:
+def random_torch_model(config: ctx.ContextualizerConfig, seed: int = 0) -> torch.nn.Module:
     """Every parameter random (norm scales and biases too), so no mapping error hides behind 0 or 1."""
     torch.manual_seed(seed)
     model = TorchContextNetV3(config).eval()
@@ -75,7 +42,7 @@ def random_torch_model(config: ctx.ContextualizerConfig, seed: int = 0) -> Torch
     return model
 
 
-def torch_logits(model: TorchContextNetV3, x: np.ndarray) -> np.ndarray:
+def torch_logits(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.from_numpy(x)).numpy()
 

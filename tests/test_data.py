@@ -174,20 +174,6 @@ def test_fingerprint_follows_content_not_place(tmp_path):
     assert len({reference, renamed, edited, added}) == 4
 
 
-def test_process_share_partitions_the_batch():
-    shares = [data.process_share(12, i, 4) for i in range(4)]
-    assert shares == [slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 12)]
-    assert data.process_share(8, 0, 1) == slice(0, 8)
-    with pytest.raises(ValueError, match="does not split evenly over 4 processes"):
-        data.process_share(10, 0, 4)
-    with pytest.raises(ValueError, match="process_index=4"):
-        data.process_share(8, 4, 4)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Bad input: one line, naming the file and what to do.
-
-
 def _png(width=32, height=32) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), np.uint8)).save(buffer, "PNG")

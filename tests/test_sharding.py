@@ -1,5 +1,6 @@
-"""Meshes and shardings: the config's (data, fsdp, tensor) sizes, the parameter PartitionSpecs, and one
-DreamBooth + MLM step on 8 host devices equal to the single-device step on three meshes."""
+"""Meshes and shardings: the config's (data, fsdp, tensor) sizes, the parameter PartitionSpecs, a state
+created straight into its shardings, and one DreamBooth + MLM step on 8 host devices equal to the
+single-device step on three meshes."""
 
 import json
 import os
@@ -54,8 +55,9 @@ def test_parameter_specs_follow_the_mesh():
 
 
 def test_a_step_on_three_meshes_equals_the_single_device_step():
-    """DreamBooth + MLM (UNet, text encoder and token trained; batch 8 over the devices, the MLM batch
-    of 25 replicated), one step, fp32: loss and updated parameters within 1e-5 of one device."""
+    """DreamBooth + MLM on a smaller tiny model (UNet, text encoder and token trained; batch 8 over the
+    devices, the MLM batch of 25 replicated), created straight into its FSDP shardings, then one step,
+    fp32: loss and updated parameters within 1e-5 of one device on three meshes."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                # Optimisation level 0 halves the compile time of the four steps and changes no result
                # beyond float rounding.
@@ -64,6 +66,15 @@ def test_a_step_on_three_meshes_equals_the_single_device_step():
                             text=True, env=env, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])
+
+    # Created on the (1, 8, 1) mesh: every leaf in the sharding the config implies, AdamW's moments
+    # sharded like their parameters, every leaf spread over the 8 devices (small ones replicated) and
+    # no device holding more than an eighth of any leaf big enough to shard.
+    created = measured["created"]
+    assert created["specs_as_configured"] and created["devices_per_leaf"] == [8], created
+    assert "P('fsdp', None)" in created["opt_state_specs"], created  # the token table's moments
+    assert created["sharded_leaves"] >= 10 and created["largest_shard_fraction"] == 1 / 8, created
+
     assert set(measured["meshes"]) == {"(8, 1, 1)", "(2, 4, 1)", "(1, 8, 1)"}
     for shape, m in measured["meshes"].items():
         assert m["loss_error"] <= 1e-5 and m["mlm_loss_error"] <= 1e-5, (shape, m)

@@ -1,0 +1,110 @@
+"""``python -m mlmjax.bench`` at the tiny size: complete rows, and a PyTorch reference that is the same step.
+
+Never a timed test: nothing here asserts a speed. The CLI run compiles two tiny TI steps (MLM on and
+off); with the session's compilation cache warm it takes about a minute on a busy 2-core machine.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlmjax import bench
+
+NUMBERS = ("median_ms", "min_ms", "max_ms", "q1_ms", "q3_ms", "examples_per_s", "flops", "achieved_flops_per_s",
+           "peak_fraction", "peak_memory_bytes", "peak_rss_bytes")
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlmjax.bench", "--methods=ti", "--mlm=on,off", "--size=tiny", "--repeats=2",
+         "--warmup=1", "--framework=jax,torch", "--torch_threads=1", "--peak_repeats=3", "--compilation_cache", f"--json={out}",
+         "--markdown"], capture_output=True, text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_rows_have_positive_finite_fields(tiny_result):
+    result, _ = tiny_result
+    rows = result["rows"]
+    assert {(r["framework"], r["mlm"]) for r in rows} == {(f, m) for f in ("jax", "torch") for m in (True, False)}
+    for row in rows:
+        assert not row.get("error"), row
+        for field in bench.ROW_FIELDS:
+            assert field in row, (field, row)
+        for field in NUMBERS:
+            assert _positive(row[field]), (field, row)
+        assert row["batch"] == 4 and row["examples_per_step"] == 4
+        assert len(row["times_s"]) == 2
+    for row in rows:
+        if row["framework"] == "jax":
+            assert _positive(row["compile_s"]) and _positive(row["time_ratio_jax_over_torch"])
+            assert row["peak_memory_bytes"] == row["memory"]["peak_bytes"]
+    machine = result["machine"]
+    assert machine["cores"] >= 1 and machine["cpu"] and machine["versions"]["jax"] and machine["versions"]["torch"]
+    assert _positive(result["matmul_peak"]["flops_per_s"])
+
+
+def test_mlm_adds_flops_and_both_projection_variants_are_reported(tiny_result):
+    result, _ = tiny_result
+    jax_rows = {r["mlm"]: r for r in result["rows"] if r["framework"] == "jax"}
+    assert jax_rows[True]["flops"] > jax_rows[False]["flops"]
+    assert jax_rows[True]["mlm_batch"] == 25 and jax_rows[False]["mlm_batch"] == 0
+    (entry,) = [e for e in result["mlm"] if e["framework"] == "jax"]
+    assert 0 < entry["mlm_flops_masked"] < entry["mlm_flops_all_positions"]
+    assert entry["mlm_positions_masked"] < entry["mlm_positions_all"] == 25 * 77
+    # The all-positions variant adds the vocabulary projection at the extra rows: 4·D·V FLOPs each
+    # (forward and the backward into the features), plus a softmax over V.
+    extra = entry["mlm_flops_all_positions"] - entry["mlm_flops_masked"]
+    projection = entry["projection_flops_all_positions"] - entry["projection_flops_masked"]
+    assert projection <= extra <= 1.2 * projection
+
+
+def test_pytorch_reference_is_the_same_step(tiny_result):
+    """Same weights, batch and random draws: the first losses (and their parts) agree."""
+    result, _ = tiny_result
+    for mlm in (True, False):
+        jax_row, torch_row = (next(r for r in result["rows"] if r["framework"] == f and r["mlm"] == mlm)
+                              for f in ("jax", "torch"))
+        assert set(jax_row["first_loss"]) == set(torch_row["first_loss"]) == (
+            {"loss", "loss_diff", "loss_mlm"} if mlm else {"loss", "loss_diff"})
+        assert jax_row["loss_rel_error"] <= 1e-4, (jax_row["first_loss"], torch_row["first_loss"])
+        assert jax_row["trainable_params"] == torch_row["trainable_params"] == 32  # the token: [1, 32]
+
+
+def test_markdown_renders(tiny_result):
+    result, stdout = tiny_result
+    assert "| tiny | ti | on | jax |" in stdout and "| tiny | ti | off | torch |" in stdout
+    assert bench.markdown(result) in stdout
+    assert "GFLOP/s" in stdout and result["machine"]["cpu"] in stdout
+
+
+def test_markdown_shows_failures_and_sharded_rows():
+    machine = {"cpu": "test cpu", "cores": 2, "load_average": [1.0, 1.0, 1.0], "load_average_end": [2.0, 2.0, 2.0],
+               "versions": {"jax": "0"}, "xla_flags": "", "date": "today"}
+    row = {field: None for field in bench.ROW_FIELDS}
+    row.update(method="ti", mlm=True, size="sd15", framework="torch", error="killed (out of memory?)")
+    sharded = {"method": "dreambooth", "mlm": False, "devices": 8, "compute_dtype": "bfloat16", "batch": 8, "prior_batch": 8,
+               "peak_bytes_per_device": 12 * 2**30, "memory_per_device": {"argument": 2**30, "temp": 2**31},
+               "compile_s": 100.0}
+    text = bench.markdown({"machine": machine, "matmul_peak": {"jax": {"flops_per_s": 5e10}, "flops_per_s": 5e10},
+                           "rows": [row], "mlm": [], "sharded_memory": [sharded]})
+    assert "failed: killed (out of memory?)" in text
+    assert "| dreambooth | off | bfloat16 | fsdp=8 | 8 (+8) | 12.00 |" in text
+    assert "jax 50.0 GFLOP/s" in text
+
+
+def test_bad_flags_are_user_errors():
+    proc = subprocess.run([sys.executable, "-m", "mlmjax.bench", "--methods=ti,foo"], capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --methods=ti,foo"), proc.stderr
