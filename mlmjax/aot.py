@@ -53,15 +53,17 @@ class Compiled:
         return "; ".join(parts)
 
 
-def _flops(executable: jax.stages.Compiled) -> float | None:
+def flops(stage: jax.stages.Lowered | jax.stages.Compiled) -> float | None:
+    """XLA's FLOP count of one call of a lowered or compiled function (a lowered one costs no compile);
+    None where the backend gives none."""
     try:
-        cost = executable.cost_analysis()
+        cost = stage.cost_analysis()
     except Exception:  # noqa: BLE001 - backends without a cost model raise various errors
         return None
     if isinstance(cost, (list, tuple)):  # older jax: one dict per partition
         cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
-    return None if flops is None or flops < 0 else float(flops)
+    count = (cost or {}).get("flops")
+    return None if count is None or count < 0 else float(count)
 
 
 def _memory(executable: jax.stages.Compiled) -> dict[str, int] | None:
@@ -85,5 +87,5 @@ def compile_step(jitted: Any, *args, **kwargs) -> Compiled:
     start = time.perf_counter()
     executable = jitted.lower(*args, **kwargs).compile()
     seconds = time.perf_counter() - start
-    return Compiled(executable=executable, compile_seconds=seconds, flops=_flops(executable),
+    return Compiled(executable=executable, compile_seconds=seconds, flops=flops(executable),
                     memory=_memory(executable))

@@ -259,17 +259,16 @@ def _images(size: str, count: int, resolution: int, folder: str | None, seed: in
 
 
 def first_draws(batch: dict, rng, num_train_timesteps: int) -> dict[str, np.ndarray]:
-    """The random draws of the JAX step's first call (step 0), as ``train_step`` makes them, so that
-    the PyTorch step can make the same first step. Kept in step with ``train_step._diffusion_losses``;
-    the tiny benchmark test compares the two frameworks' losses and fails if they drift apart."""
+    """The random draws of the JAX step's first call (step 0), so that the PyTorch step makes the same
+    first step (``train_step.diffusion_draws``, the function the step itself draws with)."""
     import jax
 
+    from mlmjax import train_step as train_step_lib
+
     rows = batch["latent_mean"].shape[0] + (batch["prior_latent_mean"].shape[0] if "prior_latent_mean" in batch else 0)
-    shape = (rows, *batch["latent_mean"].shape[1:])
-    sample_rng, noise_rng, time_rng = jax.random.split(jax.random.fold_in(rng, 0), 3)
-    return {"sample": np.asarray(jax.random.normal(sample_rng, shape)),
-            "noise": np.asarray(jax.random.normal(noise_rng, shape)),
-            "timesteps": np.asarray(jax.random.randint(time_rng, (rows,), 0, num_train_timesteps))}
+    draws = train_step_lib.diffusion_draws(jax.random.fold_in(rng, 0), (rows, *batch["latent_mean"].shape[1:]),
+                                           num_train_timesteps)
+    return {name: np.asarray(value) for name, value in draws.items()}
 
 
 def torch_trainable(state) -> dict[str, Any]:
@@ -336,13 +335,10 @@ def prepare_case(request: dict, case_dir: str):
 def _lowered_flops(state, batch, rng) -> float | None:
     import jax
 
+    from mlmjax import aot
     from mlmjax import train_step as train_step_lib
 
-    cost = jax.jit(train_step_lib.train_step).lower(state, batch, rng).cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
-    return None if flops is None else float(flops)
+    return aot.flops(jax.jit(train_step_lib.train_step).lower(state, batch, rng))
 
 
 def mlm_flop_variants(state, batch, rng) -> dict[str, Any]:

@@ -45,6 +45,11 @@ def image_path(folder: str, index: int) -> str:
     return os.path.join(folder, f"{_PREFIX}{index:05d}.png")
 
 
+def missing_images(folder: str, count: int) -> set[int]:
+    """The indices below ``count`` whose image ``folder`` does not hold (yet)."""
+    return {i for i in range(count) if not os.path.exists(image_path(folder, i))}
+
+
 def ensure_class_images(model: Pretrained, folder: str, *, prompt: str, count: int, resolution: int, seed: int,
                         model_fingerprint: str, scheduler: str = "ddpm", steps: int = 50, guidance: float = 7.5,
                         batch_size: int = 8, compiler_options: dict[str, Any] | None = None) -> str:
@@ -74,7 +79,7 @@ def ensure_class_images(model: Pretrained, folder: str, *, prompt: str, count: i
         raise ValueError(f"class images: count={count} must be >= 0 and batch_size={batch_size} >= 1")
     _claim(folder, {"prompt": prompt, "seed": seed, "scheduler": scheduler, "steps": steps, "guidance": guidance,
                     "resolution": resolution, "model": model_fingerprint})
-    missing = {i for i in range(count) if not os.path.exists(image_path(folder, i))}
+    missing = missing_images(folder, count)
     if not missing:
         return folder
     spec = sampling.plain_spec(model)

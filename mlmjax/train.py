@@ -97,8 +97,8 @@ def _check_class_images_exist(config: ml_collections.ConfigDict, workdir: str) -
     if not config.prior.weight or config.prior.images or jax.process_count() == 1:
         return
     folder = os.path.join(workdir, CLASS_IMAGES_DIR)
-    complete = os.path.isfile(os.path.join(folder, class_images_lib.MANIFEST)) and all(
-        os.path.isfile(class_images_lib.image_path(folder, i)) for i in range(config.prior.num_images))
+    complete = (os.path.isfile(os.path.join(folder, class_images_lib.MANIFEST))
+                and not class_images_lib.missing_images(folder, config.prior.num_images))
     if not complete:
         raise ValueError(f"{folder}: a multi-process run does not generate class images; set config.prior.images "
                          "to a folder of them, or make them with a single-process run on this workdir first")

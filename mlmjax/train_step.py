@@ -130,6 +130,15 @@ def text_context(spec: StepSpec, params: dict, input_ids: jax.Array) -> jax.Arra
     return per_token[jnp.asarray(spec.layer_tokens)]
 
 
+def diffusion_draws(rng: jax.Array, shape: tuple[int, ...], num_train_timesteps: int) -> dict[str, jax.Array]:
+    """The step's random draws for latents of ``shape`` (instance rows, then class rows): ``sample``
+    (the VAE posterior's standard normal), ``noise`` and ``timesteps``. ``rng`` is the step's key
+    (``fold_in(run key, step)``); a reference implementation replays a step from these."""
+    sample_rng, noise_rng, time_rng = jax.random.split(rng, 3)
+    return {"sample": jax.random.normal(sample_rng, shape), "noise": jax.random.normal(noise_rng, shape),
+            "timesteps": jax.random.randint(time_rng, (shape[0],), 0, num_train_timesteps)}
+
+
 def _diffusion_losses(spec: StepSpec, params: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-example MSE of the UNet's prediction, instance images first, then class images."""
     mean, logvar, ids = batch["latent_mean"], batch["latent_logvar"], batch["input_ids"]
@@ -137,13 +146,11 @@ def _diffusion_losses(spec: StepSpec, params: dict, batch: dict, rng: jax.Array)
         mean = jnp.concatenate([mean, batch["prior_latent_mean"]])
         logvar = jnp.concatenate([logvar, batch["prior_latent_logvar"]])
         ids = jnp.concatenate([ids, batch["prior_input_ids"]])
-    sample_rng, noise_rng, time_rng = jax.random.split(rng, 3)
-    mean = mean.astype(jnp.float32)
-    latents = (mean + jnp.exp(0.5 * logvar.astype(jnp.float32)) * jax.random.normal(sample_rng, mean.shape))
-    latents = latents * spec.scaling_factor
-    noise = jax.random.normal(noise_rng, latents.shape)
     schedule = spec.noise_schedule
-    timesteps = jax.random.randint(time_rng, (latents.shape[0],), 0, schedule.num_train_timesteps)
+    draws = diffusion_draws(rng, mean.shape, schedule.num_train_timesteps)
+    mean = mean.astype(jnp.float32)
+    latents = (mean + jnp.exp(0.5 * logvar.astype(jnp.float32)) * draws["sample"]) * spec.scaling_factor
+    noise, timesteps = draws["noise"], draws["timesteps"]
     noisy = schedule.add_noise(latents, noise, timesteps)
     target = schedule.target(latents, noise, timesteps)
     prediction = spec.unet.apply({"params": params["unet"]}, noisy, timesteps, text_context(spec, params, ids))
