@@ -9,21 +9,22 @@ vocabulary projection is 38M of its 62M parameters, so a train step runs::
 
     features = contextualizer.apply(p, clip_out, method=Contextualizer.encode)     # [B, L, D]
     selected, positions, valid = gather_masked(features, masked.mask, max_masked)  # [N, D]
-    logits = contextualizer.apply(p, selected, method=Contextualizer.logits)       # [N, V]
-    loss, accuracy = customization_mlm_loss(logits, masked.labels.reshape(-1)[positions], valid)
+    kernel, bias = contextualizer.apply(p, method=Contextualizer.projection)       # [D, V], [V]
+    loss, accuracy = customization_mlm_loss(selected, kernel, bias, masked.labels.reshape(-1)[positions], valid)
 
 with the static ``max_masked`` from :func:`masked_token_bound`, also passed to :func:`mask_tokens`
-so that the buffer can never overflow.
+so that the buffer can never overflow. Both losses take features and the projection rather than
+logits, because :func:`vocabulary_cross_entropy` never materialises the ``[N, V]`` logits.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import scipy.stats
 
 IGNORE_INDEX = -100  # the label of positions without a target, as in PyTorch's cross_entropy
@@ -161,54 +162,175 @@ def gather_masked(features: jax.Array, mask: jax.Array, max_masked: int) -> tupl
     return features.reshape(-1, features.shape[-1])[positions], positions, valid
 
 
-def customization_mlm_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+# The vocabulary cross-entropy, chunked. Its logits ([N, 49409]: 25 MB for the tiny model's 127 masked
+# rows, 75 MB at SD 1.5's 378) are written, re-read by max, exp-sum, gather and argmax, and kept for
+# the backward pass; on a CPU those passes over memory cost 4-5x the projection's matrix product. So
+# the projection runs in vocabulary chunks that stay in cache, folding each into a running max and
+# sum (the log-sum-exp of "online softmax"); the backward pass recomputes each chunk's logits instead
+# of storing them. A loop, not an unrolled chain, keeps one chunk live at a time; XLA's cost analysis
+# counts a loop body once, so FLOP counts come from ``chunk=None`` (see mlmjax.bench).
+DEFAULT_VOCAB_CHUNK = 4096  # 13 chunks of CLIP's vocabulary; 2048 and 8192 were slower on a 2-core CPU
+
+
+def _chunk_starts(vocab: int, chunk: int) -> jax.Array:
+    """Start of each chunk; the last one is moved back to end at ``vocab`` (it overlaps the one
+    before, and its overlap is masked), so every slice has the static width ``chunk``."""
+    return jnp.minimum(jnp.arange(-(-vocab // chunk)) * chunk, vocab - chunk)
+
+
+def _chunk_logits(features, kernel, bias, start, index, chunk):
+    """``[N, chunk]`` float32 logits of one chunk and ``[chunk]`` their vocabulary ids; on the columns
+    an earlier chunk already covered, the logit is -inf and the id -1 (never a label)."""
+    columns = start + jnp.arange(chunk)
+    fresh = columns >= index * chunk
+    w = jax.lax.dynamic_slice_in_dim(kernel, start, chunk, axis=1).astype(features.dtype)
+    b = jax.lax.dynamic_slice_in_dim(bias, start, chunk)
+    logits = jnp.dot(features, w, preferred_element_type=jnp.float32) + b.astype(jnp.float32)
+    return jnp.where(fresh, logits, -jnp.inf), jnp.where(fresh, columns, -1)
+
+
+def _chunked_statistics(features, kernel, bias, labels, chunk):
+    """Running (max, sum of exp, label logit) over the chunks: log-sum-exp = max + log(sum)."""
+    rows = features.shape[0]
+
+    def fold(carry, xs):
+        running_max, running_sum, label_logit = carry
+        start, index = xs
+        logits, columns = _chunk_logits(features, kernel, bias, start, index, chunk)
+        new_max = jnp.maximum(running_max, logits.max(axis=-1))
+        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(logits - new_max[:, None]).sum(-1)
+        hit = columns[None, :] == labels[:, None]
+        label_logit = label_logit + jnp.where(hit, logits, 0.0).sum(-1)
+        return (new_max, running_sum, label_logit), None
+
+    starts = _chunk_starts(kernel.shape[1], chunk)
+    zeros = jnp.zeros((rows,), jnp.float32)
+    (maximum, total, label_logit), _ = jax.lax.scan(
+        fold, (jnp.full((rows,), -jnp.inf), zeros, zeros), (starts, jnp.arange(starts.shape[0])))
+    return maximum + jnp.log(total), label_logit, maximum
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_cross_entropy(features, kernel, bias, labels, chunk):
+    return _chunked_forward(features, kernel, bias, labels, chunk)[0]
+
+
+def _chunked_forward(features, kernel, bias, labels, chunk):
+    log_normalizer, label_logit, maximum = _chunked_statistics(features, kernel, bias, labels, chunk)
+    outputs = (log_normalizer - label_logit, label_logit >= maximum)
+    return outputs, (features, kernel, bias, labels, log_normalizer)
+
+
+def _chunked_backward(chunk, residuals, cotangents):
+    features, kernel, bias, labels, log_normalizer = residuals
+    ce_cotangent = cotangents[0].astype(jnp.float32)
+
+    def accumulate(carry, xs):
+        d_features, d_kernel, d_bias = carry
+        start, index = xs
+        logits, columns = _chunk_logits(features, kernel, bias, start, index, chunk)
+        # d CE / d logits = softmax - one_hot(label); the masked overlap has softmax 0 and no label.
+        d_logits = (jnp.exp(logits - log_normalizer[:, None])
+                    - (columns[None, :] == labels[:, None])) * ce_cotangent[:, None]
+        w = jax.lax.dynamic_slice_in_dim(kernel, start, chunk, axis=1).astype(features.dtype)
+        d_features = d_features + jnp.dot(d_logits.astype(features.dtype), w.T, preferred_element_type=jnp.float32)
+        # Kernel and bias gradients (pretraining); a frozen projection's are dead code that jit drops.
+        d_w = jnp.dot(features.T, d_logits.astype(features.dtype), preferred_element_type=jnp.float32)
+        d_kernel = jax.lax.dynamic_update_slice_in_dim(
+            d_kernel, jax.lax.dynamic_slice_in_dim(d_kernel, start, chunk, axis=1) + d_w, start, axis=1)
+        d_bias = jax.lax.dynamic_update_slice_in_dim(
+            d_bias, jax.lax.dynamic_slice_in_dim(d_bias, start, chunk) + d_logits.sum(0), start, axis=0)
+        return (d_features, d_kernel, d_bias), None
+
+    starts = _chunk_starts(kernel.shape[1], chunk)
+    init = (jnp.zeros(features.shape, jnp.float32), jnp.zeros(kernel.shape, jnp.float32),
+            jnp.zeros(bias.shape, jnp.float32))
+    (d_features, d_kernel, d_bias), _ = jax.lax.scan(accumulate, init, (starts, jnp.arange(starts.shape[0])))
+    return (d_features.astype(features.dtype), d_kernel.astype(kernel.dtype), d_bias.astype(bias.dtype),
+            np.zeros(labels.shape, jax.dtypes.float0))
+
+
+_chunked_cross_entropy.defvjp(_chunked_forward, _chunked_backward)
+
+
+def vocabulary_cross_entropy(features: jax.Array, kernel: jax.Array, bias: jax.Array, labels: jax.Array,
+                             chunk: int | None = DEFAULT_VOCAB_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy of the projection ``features @ kernel + bias`` against ``labels``, per row.
+
+    Args:
+      features: ``[N, D]``, in the computation dtype (the product accumulates in float32).
+      kernel, bias: the vocabulary projection, ``[D, V]`` and ``[V]``.
+      labels: ``[N]`` ids in ``[0, V)`` (callers replace ignored ones by 0 and mask them out).
+      chunk: vocabulary columns per chunk (see the comment above); None: one plain ``[N, V]`` product.
+
+    Returns:
+      ``(cross_entropy [N] float32, label_is_top [N] bool)``; ``label_is_top`` is the top-1 hit
+      (the label's logit is the largest; a tie counts as a hit).
+    """
+    if chunk is not None and chunk < kernel.shape[1]:
+        return _chunked_cross_entropy(features, kernel, bias, labels, chunk)
+    logits = jnp.dot(features, kernel.astype(features.dtype), preferred_element_type=jnp.float32)
+    logits = logits + bias.astype(jnp.float32)
+    label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+    return jax.nn.logsumexp(logits, axis=-1) - label_logit, label_logit >= logits.max(axis=-1)
+
+
+def customization_mlm_loss(features: jax.Array, kernel: jax.Array, bias: jax.Array, labels: jax.Array,
+                           valid: jax.Array, chunk: int | None = DEFAULT_VOCAB_CHUNK) -> tuple[jax.Array, jax.Array]:
     """Mean cross-entropy over the masked tokens (``mlm_target='masked'``, PAPER.md §1.4).
 
     Args:
-      logits: ``[N, V]`` at the gathered masked positions.
+      features: ``[N, D]`` contextualizer features at the gathered masked positions.
+      kernel, bias: its vocabulary projection (:meth:`Contextualizer.projection`).
       labels: ``[N]`` original token ids.
       valid: ``[N]`` bool; invalid entries contribute nothing.
+      chunk: see :func:`vocabulary_cross_entropy`.
 
     Returns:
       ``(loss, accuracy)``; both are 0, not NaN, when no entry is valid (the authors' mean over an
       empty selection is NaN).
     """
-    safe_labels = jnp.where(valid, labels, 0)
-    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe_labels)
+    cross_entropy, is_top = vocabulary_cross_entropy(features, kernel, bias, jnp.where(valid, labels, 0), chunk)
     count = jnp.maximum(valid.sum(), 1)
-    loss = jnp.where(valid, cross_entropy, 0.0).sum() / count
-    correct = valid & (jnp.argmax(logits, axis=-1) == safe_labels)
-    return loss, correct.sum() / count
+    return jnp.where(valid, cross_entropy, 0.0).sum() / count, (valid & is_top).sum() / count
 
 
 def pretraining_mlm_loss(
-    logits: jax.Array,
+    features: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array,
     labels: jax.Array,
     masked: jax.Array,
     non_padding: jax.Array,
     masked_weight: float = 5.0,
     normalization: Literal["all_positions", "non_padding"] = "all_positions",
-) -> jax.Array:
+    chunk: int | None = DEFAULT_VOCAB_CHUNK,
+) -> tuple[jax.Array, jax.Array]:
     """Weighted cross-entropy over all non-padding tokens (``mlm_target='non_padding'``, PAPER.md §1.3).
 
     Every non-padding position (BOS, words, EOS) predicts its original token; masked positions weigh
     ``masked_weight`` (the authors' ``mlm_weight = 5``).
 
     Args:
-      logits: ``[B, L, V]``.
+      features: ``[B, L, D]`` contextualizer features.
+      kernel, bias: its vocabulary projection (:meth:`Contextualizer.projection`).
       labels: ``[B, L]`` original (unmasked) ids.
       masked: ``[B, L]`` bool.
       non_padding: ``[B, L]`` bool (see :func:`non_padding_mask`).
       normalization: authors' quirk ``"all_positions"`` (default): the sum is divided by B × L, so
         padding adds zeros to the denominator and the loss shrinks with the prompts' length.
         ``"non_padding"`` divides by the number of non-padding positions instead.
+      chunk: see :func:`vocabulary_cross_entropy`.
+
+    Returns:
+      ``(loss, accuracy)``, the accuracy being the top-1 hit rate at the masked positions.
     """
-    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), jnp.where(non_padding, labels, 0))
-    weight = jnp.where(non_padding, jnp.where(masked, masked_weight, 1.0), 0.0)
+    if normalization not in ("all_positions", "non_padding"):
+        raise ValueError(f"normalization={normalization!r}; expected 'all_positions' or 'non_padding'")
+    cross_entropy, is_top = vocabulary_cross_entropy(
+        features.reshape(-1, features.shape[-1]), kernel, bias, jnp.where(non_padding, labels, 0).reshape(-1), chunk)
+    weight = jnp.where(non_padding, jnp.where(masked, masked_weight, 1.0), 0.0).reshape(-1)
     total = (weight * cross_entropy).sum()
-    if normalization == "all_positions":
-        return total / cross_entropy.size
-    if normalization == "non_padding":
-        return total / jnp.maximum(non_padding.sum(), 1)
-    raise ValueError(f"normalization={normalization!r}; expected 'all_positions' or 'non_padding'")
+    denominator = cross_entropy.size if normalization == "all_positions" else jnp.maximum(non_padding.sum(), 1)
+    accuracy = (masked.reshape(-1) & is_top).sum() / jnp.maximum(masked.sum(), 1)
+    return total / denominator, accuracy

@@ -59,7 +59,8 @@ class PretrainSpec:
       loss_normalization: see :func:`mlmjax.mlm.pretraining_mlm_loss`.
       learning_rate: reported as the ``lr`` metric.
       max_caption_tokens: logits are computed at the first this many positions only (see
-        :func:`logits`); 77: all of them.
+        :func:`features`); 77: all of them.
+      vocab_chunk: see :func:`mlmjax.mlm.vocabulary_cross_entropy`.
     """
     text_encoder: CLIPTextModel
     contextualizer: contextualizer_lib.Contextualizer
@@ -67,6 +68,7 @@ class PretrainSpec:
     loss_normalization: str
     learning_rate: float
     max_caption_tokens: int = tokenizer_lib.MAX_LENGTH
+    vocab_chunk: int | None = mlm.DEFAULT_VOCAB_CHUNK
 
 
 @flax.struct.dataclass
@@ -87,8 +89,9 @@ class PretrainState:
                    spec=spec, tx=tx)
 
 
-def logits(spec: PretrainSpec, params: dict, frozen: dict, input_ids: jax.Array) -> jax.Array:
-    """``[B, N, V]`` at the first ``N = spec.max_caption_tokens`` positions of ``input_ids`` ``[B, 77]``.
+def features(spec: PretrainSpec, params: dict, frozen: dict, input_ids: jax.Array) -> jax.Array:
+    """Contextualizer features ``[B, N, D]`` at the first ``N = spec.max_caption_tokens`` positions of
+    ``input_ids`` ``[B, 77]``.
 
     CLIP's ``last_hidden_state`` (``[MASK]`` spliced in) goes through the contextualizer's blocks at
     all 77 positions (its attention sees the padding too); only the vocabulary projection, most of
@@ -99,21 +102,21 @@ def logits(spec: PretrainSpec, params: dict, frozen: dict, input_ids: jax.Array)
     embeds = spec.text_encoder.apply(variables, input_ids, params["mask_embedding"][None],
                                      method=CLIPTextModel.embed)
     hidden = spec.text_encoder.apply(variables, None, inputs_embeds=embeds)
-    ctx_variables = {"params": params["contextualizer"]}
-    features = spec.contextualizer.apply(ctx_variables, hidden, method=contextualizer_lib.Contextualizer.encode)
-    return spec.contextualizer.apply(ctx_variables, features[:, :spec.max_caption_tokens],
-                                     method=contextualizer_lib.Contextualizer.logits)
+    out = spec.contextualizer.apply({"params": params["contextualizer"]}, hidden,
+                                    method=contextualizer_lib.Contextualizer.encode)
+    return out[:, :spec.max_caption_tokens]
 
 
 def loss_fn(params: dict, frozen: dict, spec: PretrainSpec, batch: dict) -> tuple[jax.Array, dict]:
     """The weighted MLM loss over non-padding positions, and the accuracy at the masked ones."""
-    out = logits(spec, params, frozen, batch["input_ids"])
+    out = features(spec, params, frozen, batch["input_ids"])
+    kernel, bias = spec.contextualizer.apply({"params": params["contextualizer"]},
+                                             method=contextualizer_lib.Contextualizer.projection)
     labels, mask, non_padding = (batch[k][:, :out.shape[1]] for k in ("labels", "mask", "non_padding"))
-    loss = mlm.pretraining_mlm_loss(out, labels, mask, non_padding, spec.masked_weight, spec.loss_normalization)
+    loss, accuracy = mlm.pretraining_mlm_loss(out, kernel, bias, labels, mask, non_padding, spec.masked_weight,
+                                              spec.loss_normalization, spec.vocab_chunk)
     if spec.loss_normalization == "all_positions":  # divide by B × 77, as over the uncut batch
         loss = loss * out.shape[1] / batch["labels"].shape[1]
-    correct = mask & (jnp.argmax(out, axis=-1) == labels)
-    accuracy = correct.sum() / jnp.maximum(mask.sum(), 1)
     return loss, {"loss": loss, "mlm_accuracy": accuracy}
 
 

@@ -58,6 +58,8 @@ class StepSpec:
         for the placeholder in that layer's context; None: one context for all layers.
       prior_weight, mlm_weight: w_prior and λ. λ = 0 removes the MLM branch from the trace.
       max_masked: static bound on masked tokens per MLM batch (see ``mlm.masked_token_bound``).
+      vocab_chunk: vocabulary columns per chunk of the MLM cross-entropy; None: the plain product
+        (see ``mlm.vocabulary_cross_entropy``).
       learning_rate: reported as the ``lr`` metric.
     """
     text_encoder: CLIPTextModel
@@ -70,6 +72,7 @@ class StepSpec:
     prior_weight: float = 0.0
     mlm_weight: float = 0.0
     max_masked: int = 0
+    vocab_chunk: int | None = mlm.DEFAULT_VOCAB_CHUNK
     learning_rate: float = 0.0
 
     @property
@@ -165,8 +168,9 @@ def mlm_loss(spec: StepSpec, params: dict, batch: dict) -> tuple[jax.Array, jax.
     variables = {"params": params["mlm"]["contextualizer"]}
     features = spec.contextualizer.apply(variables, hidden, method=Contextualizer.encode)
     selected, positions, valid = mlm.gather_masked(features, batch["mlm_mask"], spec.max_masked)
-    logits = spec.contextualizer.apply(variables, selected, method=Contextualizer.logits)
-    return mlm.customization_mlm_loss(logits, jnp.asarray(batch["mlm_labels"]).reshape(-1)[positions], valid)
+    kernel, bias = spec.contextualizer.apply(variables, method=Contextualizer.projection)
+    labels = jnp.asarray(batch["mlm_labels"]).reshape(-1)[positions]
+    return mlm.customization_mlm_loss(selected, kernel, bias, labels, valid, spec.vocab_chunk)
 
 
 def loss_fn(trainable_params: dict, frozen: dict, spec: StepSpec, batch: dict, rng: jax.Array):

@@ -15,8 +15,13 @@ from mlmjax import tokenizer as tokenizer_lib
 LN2, LN4, LN6 = math.log(2), math.log(4), math.log(6)
 # Jitted as in a train step (and one compilation each instead of one per operation).
 gather_masked = jax.jit(mlm.gather_masked, static_argnums=2)
-customization_mlm_loss = jax.jit(mlm.customization_mlm_loss)
-pretraining_mlm_loss = jax.jit(mlm.pretraining_mlm_loss, static_argnames="normalization")
+customization_mlm_loss = jax.jit(mlm.customization_mlm_loss, static_argnames="chunk")
+pretraining_mlm_loss = jax.jit(mlm.pretraining_mlm_loss, static_argnames=("normalization", "chunk"))
+
+
+def identity_projection(vocab: int) -> tuple[jax.Array, jax.Array]:
+    """A projection that passes features through, so that by-hand logits can be fed as features."""
+    return jnp.eye(vocab), jnp.zeros(vocab)
 # Each holds "<teddy1> teddy bear" exactly once; some also hold "teddy" or "bear" alone, which are
 # ordinary words there and may be masked.
 PROMPTS = [
@@ -137,25 +142,62 @@ def test_gather_masked():
     np.testing.assert_array_equal(selected[:3], features.reshape(8, 3)[np.array([1, 3, 6])])
 
 
-def test_customization_loss_by_hand():
-    logits = jnp.array([[math.log(3), 0, 0, 0], [0, 0, 0, 0], [100.0, 0, 0, 0]])
-    # Row 0: softmax of [ln 3, 0, 0, 0] gives 3/6 to label 0 → ln 2; row 1: uniform → ln 4; row 2 is
-    # the unused tail of the buffer (its label is position 0's, IGNORE_INDEX).
-    labels = jnp.array([0, 2, mlm.IGNORE_INDEX])
-    valid = jnp.array([True, True, False])
-    loss, accuracy = customization_mlm_loss(logits, labels, valid)
-    assert loss == pytest.approx((LN2 + LN4) / 2, rel=1e-6)
-    assert accuracy == pytest.approx(0.5)
+@pytest.mark.parametrize("chunk", [None, 3])  # 3: chunks [0, 3) and an overlapping [1, 4)
+def test_customization_loss_by_hand(chunk):
+    logits = jnp.array([[math.log(3), 0, 0, 0], [0, math.log(3), 0, 0], [100.0, 0, 0, 0], [0, 0, 0, 2]])
+    # Row 0: softmax of [ln 3, 0, 0, 0] gives 3/6 to label 0 → ln 2; row 1 gives 1/6 to label 2 → ln 6
+    # and misses (label 1 is top); row 2 is
+    # the unused tail of the buffer (its label is position 0's, IGNORE_INDEX); row 3's label is the
+    # column that both chunks cover and is its top logit.
+    labels = jnp.array([0, 2, mlm.IGNORE_INDEX, 3])
+    valid = jnp.array([True, True, False, True])
+    row3 = math.log(3 + math.exp(2)) - 2
+    loss, accuracy = customization_mlm_loss(logits, *identity_projection(4), labels, valid, chunk=chunk)
+    assert loss == pytest.approx((LN2 + LN6 + row3) / 3, rel=1e-6)
+    assert accuracy == pytest.approx(2 / 3)
 
 
 def test_customization_loss_without_masked_tokens_is_zero_with_finite_gradient():
-    logits = jnp.ones((3, 5))
+    features = jnp.ones((3, 5))
     labels = jnp.full((3,), mlm.IGNORE_INDEX)
     valid = jnp.zeros((3,), bool)
-    value_and_grad = jax.jit(jax.value_and_grad(mlm.customization_mlm_loss, has_aux=True))
-    (loss, accuracy), grad = value_and_grad(logits, labels, valid)
-    assert loss == 0 and accuracy == 0
-    assert np.all(np.asarray(grad) == 0)
+    value_and_grad = jax.jit(jax.value_and_grad(mlm.customization_mlm_loss, has_aux=True), static_argnames="chunk")
+    for chunk in (None, 2):
+        (loss, accuracy), grad = value_and_grad(features, *identity_projection(5), labels, valid, chunk=chunk)
+        assert loss == 0 and accuracy == 0
+        assert np.all(np.asarray(grad) == 0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_chunked_cross_entropy_equals_the_plain_one_with_gradients(dtype):
+    """Every chunk width, including ones that leave a short last chunk, gives the plain product's
+    cross-entropy, top-1 hits and gradients into the features, the kernel and the bias."""
+    rng = np.random.default_rng(0)
+    rows, width, vocab = 9, 8, 50
+    features = jnp.asarray(rng.standard_normal((rows, width)), dtype)
+    kernel = jnp.asarray(rng.standard_normal((width, vocab)) * 0.7, jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(vocab) * 0.3, jnp.float32)
+    labels = rng.integers(0, vocab, rows)
+    labels[:3] = np.argmax(np.asarray(features, np.float32) @ np.asarray(kernel) + np.asarray(bias), -1)[:3]
+    labels = jnp.asarray(labels)  # three hits, the rest almost surely misses
+    weights = jnp.asarray(rng.random(rows), jnp.float32)
+
+    def weighted(features, kernel, bias, chunk):
+        cross_entropy, is_top = mlm.vocabulary_cross_entropy(features, kernel, bias, labels, chunk)
+        return (weights * cross_entropy).sum(), (cross_entropy, is_top)
+
+    grad = jax.jit(jax.grad(weighted, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    (plain_grads, (plain_ce, plain_top)) = grad(features, kernel, bias, None)
+    assert int(plain_top.sum()) >= 1  # the test must see a hit
+    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+    for chunk in (7, 16, 49):
+        grads, (cross_entropy, is_top) = grad(features, kernel, bias, chunk)
+        np.testing.assert_allclose(cross_entropy, plain_ce, rtol=tolerance)
+        np.testing.assert_array_equal(is_top, plain_top)
+        for got, want in zip(grads, plain_grads):
+            assert got.dtype == want.dtype
+            scale = float(jnp.abs(want.astype(jnp.float32)).max())
+            assert float(jnp.abs((got - want).astype(jnp.float32)).max()) <= tolerance * scale
 
 
 def pretraining_case():
@@ -167,24 +209,28 @@ def pretraining_case():
     labels = jnp.array([[0, 0, 1], [1, 3, 2]])
     masked = jnp.array([[False, True, False], [False, False, False]])
     non_padding = jnp.array([[True, True, True], [True, True, False]])
-    return logits, labels, masked, non_padding
+    return (logits, *identity_projection(4), labels, masked, non_padding)
 
 
-def test_pretraining_loss_by_hand():
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_pretraining_loss_by_hand(chunk):
     args = pretraining_case()
     # ln 4 + 5·ln 2 + ln 6 (row 0) + ln 2 + ln 4 (row 1) = 10·ln 2 + ln 6.
     total = 10 * LN2 + LN6
-    assert pretraining_mlm_loss(*args) == pytest.approx(total / 6, rel=1e-6)  # the authors': B × L
-    assert pretraining_mlm_loss(*args, normalization="non_padding") == pytest.approx(total / 5, rel=1e-6)
+    loss, accuracy = pretraining_mlm_loss(*args, chunk=chunk)
+    assert loss == pytest.approx(total / 6, rel=1e-6)  # the authors': B × L
+    assert accuracy == 1.0  # the one masked token's label 0 has the top logit ln 3
+    loss, _ = pretraining_mlm_loss(*args, normalization="non_padding", chunk=chunk)
+    assert loss == pytest.approx(total / 5, rel=1e-6)
 
 
 def test_pretraining_loss_matches_the_authors_torch_code():
-    logits, labels, masked, non_padding = (torch.tensor(np.asarray(a)) for a in pretraining_case())
+    logits, _, _, labels, masked, non_padding = (torch.tensor(np.asarray(a)) for a in pretraining_case())
     mlm_labels = torch.where(non_padding, labels, -100).long()
     loss = F.cross_entropy(logits.view(-1, 4), mlm_labels.view(-1), ignore_index=-100, reduction="none")
     loss[masked.view(-1)] *= 5
     expected = loss.mean().item()
-    assert pretraining_mlm_loss(*pretraining_case()) == pytest.approx(expected, rel=1e-6)
+    assert pretraining_mlm_loss(*pretraining_case())[0] == pytest.approx(expected, rel=1e-6)
 
 
 def test_gathered_loss_matches_the_authors_masked_mean(setup):
@@ -194,7 +240,8 @@ def test_gathered_loss_matches_the_authors_masked_mean(setup):
     logits = np.random.default_rng(4).standard_normal((*ids.shape, 16), dtype=np.float32)
     labels = np.where(masked.mask, masked.labels % 16, mlm.IGNORE_INDEX)  # a 16-token vocabulary
     selected, positions, valid = gather_masked(jnp.asarray(logits), jnp.asarray(masked.mask), 64)
-    loss, _ = customization_mlm_loss(selected, jnp.asarray(labels).reshape(-1)[positions], valid)
+    loss, _ = customization_mlm_loss(selected, *identity_projection(16), jnp.asarray(labels).reshape(-1)[positions],
+                                     valid)
     flat_labels = torch.from_numpy(labels).long().view(-1)
     authors = F.cross_entropy(torch.from_numpy(logits).view(-1, 16), flat_labels, reduction="none")
     assert loss == pytest.approx(authors[flat_labels != -100].mean().item(), rel=1e-6)

@@ -98,18 +98,18 @@ def test_contextualizer_and_mask_embedding_train(trained):
     assert int(trained["state"].step) == trained["config"].max_steps
 
 
-def test_saved_contextualizer_reproduces_logits(trained):
+def test_saved_contextualizer_reproduces_the_loss(trained):
     state = trained["state"]
     module, params, mask_embedding = ctx.load_contextualizer(os.path.join(trained["workdir"], pc.CONTEXTUALIZER_DIR))
     assert module.config == state.spec.contextualizer.config
     assert module.config.vocab_size == 49409 and module.config.hidden_size == 32
     jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(state.params["contextualizer"]))
     np.testing.assert_array_equal(mask_embedding, state.params["mask_embedding"])
-    logits = jax.jit(pc.logits, static_argnums=0)
-    ids = trained["setup"].heldout["input_ids"][:2]
-    expected = logits(state.spec, state.params, state.frozen, ids)
+    loss = jax.jit(pc.loss_fn, static_argnums=2)  # features and the vocabulary projection
+    batch = {k: v[:2] for k, v in trained["setup"].heldout.items()}
+    expected, _ = loss(state.params, state.frozen, state.spec, batch)
     loaded_spec = dataclasses.replace(state.spec, contextualizer=module)
-    got = logits(loaded_spec, {"contextualizer": params, "mask_embedding": mask_embedding}, state.frozen, ids)
+    got, _ = loss({"contextualizer": params, "mask_embedding": mask_embedding}, state.frozen, loaded_spec, batch)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
 
 

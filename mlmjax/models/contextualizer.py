@@ -17,7 +17,8 @@ transposed, in both directions.
 
 The vocabulary projection holds 38M of the 62M parameters and is needed at customization only at the
 masked tokens, so the module exposes :meth:`Contextualizer.encode` (features ``[B, L, D]``) and
-:meth:`Contextualizer.logits` (any ``[..., D]``, e.g. only the masked positions) separately.
+:meth:`Contextualizer.logits` (any ``[..., D]``, e.g. only the masked positions) separately, and
+:meth:`Contextualizer.projection` (its weights, for a cross-entropy that never builds the logits).
 """
 
 from __future__ import annotations
@@ -202,6 +203,12 @@ class Contextualizer(nn.Module):
     def logits(self, features: jax.Array) -> jax.Array:
         """The vocabulary projection ``[..., D] → [..., vocab_size]``, e.g. of the masked tokens only."""
         return self.final(features)
+
+    def projection(self) -> tuple[jax.Array, jax.Array]:
+        """The vocabulary projection's ``(kernel [D, V], bias [V])``, for losses that fuse it with the
+        cross-entropy (:func:`mlmjax.mlm.vocabulary_cross_entropy`)."""
+        params = self.final.variables["params"]
+        return params["kernel"], params["bias"]
 
     def __call__(self, hidden_states: jax.Array) -> jax.Array:
         """Logits ``[B, L, vocab_size]`` at every position (pretraining)."""
