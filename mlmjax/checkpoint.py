@@ -34,8 +34,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be restored into this run; the message says why."""
 
 
-def _abstract(tree: Any) -> Any:
-    """Shapes, dtypes and shardings of ``tree``: what orbax restores into."""
+def abstract(tree: Any) -> Any:
+    """Shapes, dtypes and shardings of ``tree``: what :meth:`Checkpointer.restore` reads into."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
@@ -66,15 +66,16 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore())).run
 
     def restore(self, step: int, *, params: Any, opt_state: Any | None = None) -> dict:
-        """Checkpoint ``step`` restored into the shapes, dtypes and shardings of the given trees.
+        """Checkpoint ``step`` restored into the shapes, dtypes and shardings of the given trees
+        (arrays or their :func:`abstract` form).
 
         ``opt_state`` None skips the optimizer state (inference and export). Returns a dict with
         ``params``, ``opt_state`` (when asked), ``rng``, ``data`` and ``run``.
         """
-        args = {"params": ocp.args.StandardRestore(_abstract(params)), "rng": ocp.args.JsonRestore(),
+        args = {"params": ocp.args.StandardRestore(abstract(params)), "rng": ocp.args.JsonRestore(),
                 "data": ocp.args.JsonRestore(), "run": ocp.args.JsonRestore()}
         if opt_state is not None:
-            args["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state))
+            args["opt_state"] = ocp.args.StandardRestore(abstract(opt_state))
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except (ValueError, KeyError, TypeError) as error:

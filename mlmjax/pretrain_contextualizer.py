@@ -34,6 +34,7 @@ from mlmjax import loop as loop_lib
 from mlmjax import mlm
 from mlmjax import pretrained as pretrained_lib
 from mlmjax import resumable
+from mlmjax import sharding
 from mlmjax import tiny
 from mlmjax import tokenizer as tokenizer_lib
 from mlmjax import workdir as workdir_lib
@@ -83,10 +84,11 @@ class PretrainState:
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
     @classmethod
-    def create(cls, *, params: dict, frozen: dict, spec: PretrainSpec,
-               tx: optax.GradientTransformation) -> PretrainState:
-        return cls(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
-                   spec=spec, tx=tx)
+    def create(cls, *, params: dict, frozen: dict, spec: PretrainSpec, tx: optax.GradientTransformation,
+               mesh: jax.sharding.Mesh | None = None) -> PretrainState:
+        """The state at step 0, created in its shardings on ``mesh`` (see :func:`sharding.initial_leaves`)."""
+        step, params, frozen, opt_state = sharding.initial_leaves(params, frozen, tx.init, mesh)
+        return cls(step=step, params=params, frozen=frozen, opt_state=opt_state, spec=spec, tx=tx)
 
 
 def features(spec: PretrainSpec, params: dict, frozen: dict, input_ids: jax.Array) -> jax.Array:
@@ -262,13 +264,14 @@ def build(config: ml_collections.ConfigDict) -> Setup:
     init = jax.jit(contextualizer_lib.init_params, static_argnums=0)
     table = text_params["embeddings"]["token_embedding"]["embedding"]
     mask_embedding = init_mask_embedding(np.asarray(table), np.random.default_rng(config.seed), config.mask_init_norm)
-    params = {"contextualizer": init(module, jax.random.key(config.seed)),
-              "mask_embedding": jnp.asarray(mask_embedding)}
+    params = {"contextualizer": jax.device_get(init(module, jax.random.key(config.seed))),
+              "mask_embedding": mask_embedding}
     spec = PretrainSpec(text_encoder=text_encoder, contextualizer=module, masked_weight=float(config.masked_weight),
                         loss_normalization=config.loss_normalization, learning_rate=float(config.learning_rate),
                         max_caption_tokens=config.max_caption_tokens)
+    # On the mesh the run trains on (resumable.run's default), so nothing is moved before step 1.
     state = PretrainState.create(params=params, frozen={"text_encoder": text_params}, spec=spec,
-                                 tx=_optimizer(config))
+                                 tx=_optimizer(config), mesh=sharding.make_mesh(sharding.DATA_PARALLEL))
     user_captions = synthetic.read_caption_file(config.captions) if config.captions else []
     masking = {"tokenizer": tokenizer, "mask_prob": config.mask_prob, "mask_token_id": mask_token_id,
                "max_caption_tokens": config.max_caption_tokens}

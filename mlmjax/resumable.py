@@ -32,14 +32,22 @@ def _start_or_resume(state: Any, make_batch: Callable[[int], dict], checkpointer
     batches = pipeline.batch_iterator(make_batch, place=lambda batch: sharding.shard_batch(batch, mesh))
     # Fresh and restored states both live in the mesh's shardings (the restore reads straight into
     # them), so a resumed run reuses the executable of an uninterrupted one.
-    state = sharding.shard_state(state, mesh)
+    given, state = state, sharding.shard_state(state, mesh)
     step = checkpointer.latest_step()
     if step is None:
         if os.path.exists(os.path.join(workdir, loop_lib.METRICS_FILE)):
             loop_lib.truncate_metrics(workdir, 0)  # stopped before its first checkpoint: start over
         return state, 0, rng, batches
     workdir_lib.check_same_run(checkpointer.read_run(step), run_identity, f"{checkpointer.directory}/{step}")
-    restored = checkpointer.restore(step, params=state.params, opt_state=state.opt_state)
+    # The fresh parameters and optimizer state are freed before the restore, which reads into their
+    # shapes and shardings: holding both would double their memory (3× the trained weights for AdamW)
+    # at the moment a resumed DreamBooth run is most likely to run out. The state is the run's to
+    # consume anyway: the compiled step donates it.
+    params, opt_state = checkpoint_lib.abstract(state.params), checkpoint_lib.abstract(state.opt_state)
+    for leaf in jax.tree.leaves((given.params, given.opt_state, state.params, state.opt_state)):
+        if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+            leaf.delete()
+    restored = checkpointer.restore(step, params=params, opt_state=opt_state)
     state = sharding.shard_state(state.replace(step=jnp.asarray(step, jnp.int32), params=restored["params"],
                                                opt_state=restored["opt_state"]), mesh)
     pipeline.restore(batches, restored["data"], step)
@@ -71,6 +79,9 @@ def run(step_fn: Callable[[Any, dict, jax.Array], tuple[Any, dict]], state: Any,
         *, workdir: str, run_identity: dict, seed: int, max_steps: int, log_every: int, checkpoint_every: int,
         keep: int, description: str, mesh: jax.sharding.Mesh | None = None) -> loop_lib.LoopEnd:
     """Runs (or resumes) ``step_fn`` to ``max_steps`` in ``workdir``, which must already hold ``run.json``.
+
+    ``state`` is consumed: its trained parameters and optimizer state are donated to the first step,
+    or freed before a checkpoint is restored; use the returned ``LoopEnd.state``.
 
     ``step_fn`` is the pure step, jitted here (state donated, on ``mesh``: default all devices
     data-parallel) and compiled ahead of time on the first batch; the compile time, FLOPs and

@@ -21,6 +21,7 @@ import math
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -173,6 +174,19 @@ def init_on_mesh(init: Callable[[Any], Any], params: Any, mesh: Mesh) -> Any:
     parameter, never whole on one device (an eager ``tx.init`` puts every zero on device 0)."""
     shardings = tree_shardings(jax.eval_shape(init, params), mesh)
     return jax.jit(init, out_shardings=shardings)(params)
+
+
+def initial_leaves(params: Any, frozen: Any, init: Callable[[Any], Any], mesh: Mesh | None) -> tuple[Any, ...]:
+    """``(step, params, frozen, opt_state)`` of a train state at step 0.
+
+    With ``mesh`` every leaf is created in its sharding: ``params`` and ``frozen`` (numpy on the
+    host) go straight to their shards and the optimizer state is born sharded (:func:`init_on_mesh`),
+    so no device ever holds an unsharded copy. Without, everything is on the default device.
+    """
+    if mesh is None:
+        return jnp.zeros((), jnp.int32), params, frozen, init(params)
+    step, params, frozen = shard_state((np.zeros((), np.int32), params, frozen), mesh)
+    return step, params, frozen, init_on_mesh(init, params, mesh)
 
 
 def _signature(tree: Any) -> tuple:

@@ -92,19 +92,9 @@ class TrainState:
     @classmethod
     def create(cls, *, params: dict, frozen: dict, spec: StepSpec, tx: optax.GradientTransformation,
                mesh: Mesh | None = None) -> TrainState:
-        """The state at step 0.
-
-        With ``mesh`` every leaf is created in its sharding (:func:`sharding.state_shardings`):
-        ``params`` and ``frozen`` (numpy on the host) go straight to their shards, and the optimizer
-        state is made on the devices by a jit with those output shardings, so no device ever holds
-        an unsharded copy. Without, everything is on the default device.
-        """
-        if mesh is None:
-            return cls(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen, opt_state=tx.init(params),
-                       spec=spec, tx=tx)
-        step, params, frozen = sharding.shard_state((np.zeros((), np.int32), params, frozen), mesh)
-        return cls(step=step, params=params, frozen=frozen, opt_state=sharding.init_on_mesh(tx.init, params, mesh),
-                   spec=spec, tx=tx)
+        """The state at step 0, created in its shardings on ``mesh`` (see :func:`sharding.initial_leaves`)."""
+        step, params, frozen, opt_state = sharding.initial_leaves(params, frozen, tx.init, mesh)
+        return cls(step=step, params=params, frozen=frozen, opt_state=opt_state, spec=spec, tx=tx)
 
 
 def extra_embeddings(params: dict) -> jax.Array:

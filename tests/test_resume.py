@@ -5,6 +5,7 @@ The in-process runs share one compiled train step (same spec), so the whole file
 here and once per subprocess.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -13,14 +14,17 @@ import sys
 import textwrap
 import time
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mlmjax import checkpoint as checkpoint_lib
 from mlmjax import loop
 from mlmjax import pretrained as pretrained_lib
+from mlmjax import resumable
 from mlmjax import sharding
 from mlmjax import tiny
 from mlmjax import train as train_lib
@@ -95,6 +99,47 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(uninterrupted, tm
     assert loop.read_metrics(killed) == rows
     np.testing.assert_array_equal(trained(killed), trained(uninterrupted))
     assert _compiled_train_steps() == compiled  # the resumed runs reused the first run's executable
+
+
+class ToyState(flax.struct.PyTreeNode):
+    """The least resumable.run trains: a parameter vector, Adam's state and nothing frozen."""
+    step: jax.Array
+    params: dict
+    opt_state: object
+    frozen: dict
+
+
+def _toy_run(workdir: str, max_steps: int) -> tuple[ToyState, loop.LoopEnd]:
+    tx = optax.adam(0.1)
+    params = {"w": jnp.arange(4.0)}
+    state = ToyState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), frozen={})
+
+    def step_fn(state, batch, rng):
+        grads = jax.grad(lambda p: jnp.sum((p["w"] - batch["x"]) ** 2))(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state)
+        params = optax.apply_updates(state.params, updates)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), {"loss": jnp.sum(params["w"])}
+
+    identity = {"config": {"toy": 1}, "fingerprints": {}}
+    if not os.path.exists(os.path.join(workdir, workdir_lib.RUN_FILE)):
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, workdir_lib.RUN_FILE), "w") as f:
+            json.dump(identity, f)
+    end = resumable.run(step_fn, state, lambda step: {"x": np.full(4, step, np.float32)}, workdir=workdir,
+                        run_identity=identity, seed=0, max_steps=max_steps, log_every=1, checkpoint_every=2,
+                        keep=2, description="toy")
+    return state, end
+
+
+def test_resume_frees_the_fresh_state_before_restoring_into_its_shardings(tmp_path):
+    _, uninterrupted = _toy_run(str(tmp_path / "uninterrupted"), 4)
+    _toy_run(str(tmp_path / "resumed"), 2)
+    fresh, resumed = _toy_run(str(tmp_path / "resumed"), 4)
+    # The passed state is consumed (freed before the restore, not held beside the restored copy).
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves((fresh.params, fresh.opt_state)))
+    np.testing.assert_array_equal(resumed.state.params["w"], uninterrupted.state.params["w"])
+    assert jax.tree.map(lambda x: x.sharding, resumed.state.params) == jax.tree.map(
+        lambda x: x.sharding, uninterrupted.state.params)
 
 
 def test_a_finished_run_rerun_does_nothing_and_load_trained_reads_any_step(uninterrupted):
