@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mlmjax import data as data_lib
+from mlmjax import distributed
 from mlmjax import files
 from mlmjax import sampling
 from mlmjax import tokenizer as tokenizer_lib
@@ -77,11 +78,27 @@ def ensure_class_images(model: Pretrained, folder: str, *, prompt: str, count: i
     """
     if count < 0 or batch_size < 1:
         raise ValueError(f"class images: count={count} must be >= 0 and batch_size={batch_size} >= 1")
-    _claim(folder, {"prompt": prompt, "seed": seed, "scheduler": scheduler, "steps": steps, "guidance": guidance,
-                    "resolution": resolution, "model": model_fingerprint})
+    manifest = {"prompt": prompt, "seed": seed, "scheduler": scheduler, "steps": steps, "guidance": guidance,
+                "resolution": resolution, "model": model_fingerprint}
+    # Several processes sample together and process 0 writes. Each decides what is missing from the
+    # folder as it was before anything is written, so all sample the same batches (a collective).
+    if distributed.is_primary():
+        _claim(folder, manifest)
+    distributed.barrier("mlmjax.class_images: manifest written")
+    _claim(folder, manifest)  # the others check the manifest process 0 wrote; for it, a re-check
     missing = missing_images(folder, count)
-    if not missing:
-        return folder
+    distributed.barrier("mlmjax.class_images: folder read")
+    if missing:
+        _generate(model, folder, missing, prompt=prompt, resolution=resolution, seed=seed, scheduler=scheduler,
+                  steps=steps, guidance=guidance, batch_size=batch_size, compiler_options=compiler_options)
+    distributed.barrier("mlmjax.class_images: images written")
+    return folder
+
+
+def _generate(model: Pretrained, folder: str, missing: set[int], *, prompt: str, resolution: int, seed: int,
+              scheduler: str, steps: int, guidance: float, batch_size: int,
+              compiler_options: dict[str, Any] | None) -> None:
+    """Samples the batches holding the ``missing`` indices; process 0 writes the missing ones."""
     spec = sampling.plain_spec(model)
     # On the devices once, not per batch (weights read from disk are host arrays).
     params, vae_params = sampling.place_weights({name: model.params[name] for name in ("text_encoder", "unet")},
@@ -98,9 +115,8 @@ def ensure_class_images(model: Pretrained, folder: str, *, prompt: str, count: i
                                    latent_hw=latent_hw, tokenizer=model.tokenizer, scheduler=scheduler,
                                    num_steps=steps, guidance_scale=guidance, compiler_options=compiler_options)
         for index, image in zip(indices, sampling.to_uint8(images)):
-            if index in missing:
+            if index in missing and distributed.is_primary():
                 sampling.save_png(image, image_path(folder, index))
-    return folder
 
 
 def _claim(folder: str, manifest: dict) -> None:

@@ -20,9 +20,8 @@ The contract, for ``python -m mlmjax.train --distributed`` on every host:
   file calls, so a ``gs://`` URL is not accepted). The metrics every process logs are the same
   replicated values, so every process checks them for NaN and stops at the same step, and a SIGTERM
   seen by any process stops all of them at the same step (:func:`any_process`).
-* End-of-run samples and generated class images are single-process for now: a multi-process run
-  skips the samples (sample the workdir afterwards with ``python -m mlmjax.sample``) and needs its
-  class images generated beforehand (a single-process run on the workdir, or ``config.prior.images``).
+* End-of-run samples and generated class images are sampled by all processes together (each over
+  its own devices, ``sharding.put`` feeding each only its shards) and written by process 0.
 """
 
 from __future__ import annotations

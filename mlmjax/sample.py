@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from mlmjax import distributed
 from mlmjax import files
 from mlmjax import runtime
 from mlmjax import sampling
@@ -66,6 +67,9 @@ def sample_run(run: workdir_lib.TrainedRun, prompts: Sequence[str], *, out: str,
     ``out`` (created if needed) must be empty: a previous sampling is never overwritten. It receives
     ``prompt<p>_<i>.png``, ``grid.png`` (one row per prompt), ``prompts.txt`` and ``samples.json``,
     written last. Returns the PNG paths, prompt by prompt. ``batch_size`` 0 means 8 per device.
+
+    In a multi-process run every process calls this with the same arguments: they sample together,
+    each over its devices, and process 0 alone writes (the others get ``[]``).
     """
     if not prompts:
         raise ValueError("no prompts to sample; pass at least one")
@@ -73,6 +77,8 @@ def sample_run(run: workdir_lib.TrainedRun, prompts: Sequence[str], *, out: str,
     texts = [fill_concept(p, run.concept_phrase) for p in prompts]
     images = _sample(run, texts, num_images, scheduler=scheduler, steps=steps, guidance=guidance, seed=seed,
                      batch_size=batch_size or 8 * jax.device_count(), compiler_options=compiler_options)
+    if not distributed.is_primary():
+        return []
     per_prompt = [sampling.save_images(images[p * num_images:(p + 1) * num_images], out, f"prompt{p:03d}")
                   for p in range(len(texts))]
     sampling.save_grid(images, out, columns=num_images)

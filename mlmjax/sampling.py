@@ -31,9 +31,11 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mlmjax import files
+from mlmjax import sharding
 from mlmjax import tokenizer as tokenizer_lib
 from mlmjax.models.vae import AutoencoderKL
 from mlmjax.noise_schedule import NoiseSchedule
@@ -243,7 +245,7 @@ def place_weights(params: Any, vae_params: Any) -> tuple[Any, Any]:
     """
     if len(jax.devices()) == 1:
         return jax.device_put((params, vae_params), jax.devices()[0])
-    return jax.device_put((params, vae_params), NamedSharding(_sampling_mesh(), PartitionSpec()))
+    return sharding.put((params, vae_params), NamedSharding(_sampling_mesh(), PartitionSpec()))
 
 
 def generate(spec: StepSpec, params: dict, vae: AutoencoderKL, vae_params: dict, prompt_ids: np.ndarray,
@@ -269,8 +271,9 @@ def generate(spec: StepSpec, params: dict, vae: AutoencoderKL, vae_params: dict,
 
     The same ``rng`` gives the same images. With one key per image, image i's noise depends on
     ``rng[i]`` alone; its pixels then depend on the rest of the batch only through float rounding
-    (bitwise equal when the batch is the same size). With several devices (one process) the batch is
-    padded to a multiple of their count and sharded; the images equal one device's up to float rounding.
+    (bitwise equal when the batch is the same size). With several devices the batch is padded to a
+    multiple of their count and sharded; the images equal one device's up to float rounding. With
+    several processes, every process passes the same arguments and receives every image.
     """
     schedule = make_schedule(scheduler_config, scheduler, num_steps)
     prompt_ids = np.asarray(prompt_ids, np.int32)
@@ -290,16 +293,20 @@ def generate(spec: StepSpec, params: dict, vae: AutoencoderKL, vae_params: dict,
     params, vae_params = place_weights(params, vae_params)
     devices = jax.devices()
     if len(devices) > 1:
-        batch_sharding = NamedSharding(_sampling_mesh(), PartitionSpec("data"))
+        mesh = _sampling_mesh()
+        batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
         pad = [(0, -num_images % len(devices)), (0, 0)]
-        prompt_ids = jax.device_put(np.pad(prompt_ids, pad, mode="edge"), batch_sharding)
-        negative_ids = jax.device_put(np.pad(negative_ids, pad, mode="edge"), batch_sharding)
+        prompt_ids, negative_ids = sharding.put((np.pad(prompt_ids, pad, mode="edge"),
+                                                 np.pad(negative_ids, pad, mode="edge")), batch_sharding)
+        rng = sharding.replicate_key(rng, mesh)
 
     sampler = _jitted_sampler(tuple(sorted((compiler_options or {}).items())))
     images = sampler(params, vae_params, prompt_ids, negative_ids, rng, jnp.float32(guidance_scale),
                      schedule.timesteps, schedule.coefficients, spec=spec, vae=vae, num_images=num_images,
                      latent_shape=(*latent_hw, spec.unet.config.in_channels), guided=guided,
                      clip_sample_range=schedule.clip_sample_range, batch_sharding=batch_sharding)
+    if not images.is_fully_addressable:  # several processes: each gets every image
+        images = multihost_utils.process_allgather(images, tiled=True)
     return np.asarray(images)[:num_images]
 
 

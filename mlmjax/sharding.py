@@ -90,14 +90,37 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def replicate_key(key: jax.Array, mesh: Mesh) -> jax.Array:
-    """A random key (the same on every process) replicated on ``mesh``, as the compiled step takes it.
+def put(tree: Any, shardings: Any) -> Any:
+    """``jax.device_put(tree, shardings)`` that scales to many processes; ``shardings`` is one
+    sharding for every leaf or a tree of them.
 
-    ``jax.device_put`` cannot place a key array on other processes' devices (only plain arrays), so
-    its raw data goes instead and is wrapped back into a key.
+    Every process passes the same host (numpy) values, and each copies only the shards its own
+    devices hold. ``jax.device_put`` of a host array onto devices of several processes would first
+    all-gather the whole array from every process to check that they agree: for SD 1.5's UNet,
+    3.4 GB times the number of hosts, on every host. Device arrays are resharded as usual.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+
+    def place(leaf: Any, leaf_sharding: jax.sharding.Sharding) -> jax.Array:
+        if isinstance(leaf, jax.Array):
+            return jax.device_put(leaf, leaf_sharding)
+        leaf = np.asarray(leaf)
+        return jax.make_array_from_callback(leaf.shape, leaf_sharding, lambda index: leaf[index])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda leaf: place(leaf, shardings), tree)
+    return jax.tree.map(place, tree, shardings)
+
+
+def replicate_key(key: jax.Array, mesh: Mesh) -> jax.Array:
+    """Random keys (the same on every process) replicated on ``mesh``, as the compiled step takes them.
+
+    A key array cannot be placed on other processes' devices (only plain arrays can), so its raw
+    data goes instead and is wrapped back into keys.
     """
     data = np.asarray(jax.device_get(jax.random.key_data(key)))
-    return jax.random.wrap_key_data(jax.device_put(data, replicated(mesh)), impl=jax.random.key_impl(key))
+    return jax.random.wrap_key_data(put(data, replicated(mesh)), impl=jax.random.key_impl(key))
 
 
 def held_rows(array_sharding: jax.sharding.Sharding, rows: int, devices=None) -> slice | np.ndarray:
@@ -164,8 +187,8 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
 
 def shard_state(state: Any, mesh: Mesh) -> Any:
     """``state`` moved onto ``mesh`` (a no-op for arrays already there). Host (numpy) leaves go
-    straight to their shardings: each device receives only its shard."""
-    return jax.device_put(state, state_shardings(state, mesh))
+    straight to their shardings: each device receives only its shard (see :func:`put`)."""
+    return put(state, state_shardings(state, mesh))
 
 
 def init_on_mesh(init: Callable[[Any], Any], params: Any, mesh: Mesh) -> Any:

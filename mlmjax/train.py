@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app, flags
-import jax
 import ml_collections
 import numpy as np
 from ml_collections import config_flags
@@ -67,6 +65,7 @@ def _write_samples(model: pretrained_lib.Pretrained, state: train_step_lib.Train
     """One image per ``sample_prompts`` entry with the learned concept, in ``workdir/samples/step_<K>``
     (what ``python -m mlmjax.sample`` writes; skipped if that folder exists, e.g. a finished run rerun)."""
     out = os.path.join(workdir, "samples", f"step_{step}")
+    # Every process sees the same answer: process 0 cannot write before all have entered the sampling.
     if os.path.exists(out):
         return
     run = workdir_lib.TrainedRun(workdir=workdir, step=step, config=config, model=model, spec=state.spec,
@@ -90,24 +89,10 @@ def _read_inputs(config: ml_collections.ConfigDict) -> tuple[pretrained_lib.Pret
     return model, data_lib.load_images(config.concept.images, config.resolution)
 
 
-def _check_class_images_exist(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """A multi-process run does not generate class images (every process would sample and write, see
-    :mod:`mlmjax.distributed`): it needs ``config.prior.images``, or a complete folder in the workdir
-    from an earlier single-process run, where ``ensure_class_images`` only checks the manifest."""
-    if not config.prior.weight or config.prior.images or jax.process_count() == 1:
-        return
-    folder = os.path.join(workdir, CLASS_IMAGES_DIR)
-    complete = (os.path.isfile(os.path.join(folder, class_images_lib.MANIFEST))
-                and not class_images_lib.missing_images(folder, config.prior.num_images))
-    if not complete:
-        raise ValueError(f"{folder}: a multi-process run does not generate class images; set config.prior.images "
-                         "to a folder of them, or make them with a single-process run on this workdir first")
-
-
 def _class_images(config: ml_collections.ConfigDict, model: pretrained_lib.Pretrained, workdir: str,
                   model_hash: str) -> np.ndarray | None:
-    """The prior-preservation images: the configured folder, or generated once into the workdir
-    (in a multi-process run, found there: see :func:`_check_class_images_exist`)."""
+    """The prior-preservation images: the configured folder, or generated once into the workdir (by
+    every process together in a multi-process run; process 0 writes them)."""
     if not config.prior.weight:
         return None
     folder = config.prior.images or class_images_lib.ensure_class_images(
@@ -133,7 +118,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     saved = workdir_lib.read_identity(workdir)
     if saved is not None:
         workdir_lib.check_same_run(saved, run_identity, workdir)
-    _check_class_images_exist(config, workdir)
     built = method_lib.build_state(config, model, contextualizer_folder=config.mlm.contextualizer or None, mesh=mesh)
     # Every user error is behind us: from here on the workdir is written (by process 0; the others
     # wait until every process has read the workdir above and until process 0 has written it).
@@ -149,11 +133,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         keep=config.checkpoint.keep, description=config.method,
                         mesh=mesh)
     if config.sample_prompts and not end.preempted:
-        if jax.process_count() == 1:
-            _write_samples(model, end.state, built, config, workdir, end.step)
-        elif distributed.is_primary():
-            print(f"multi-process run: no end-of-run samples; draw them with python -m mlmjax.sample --workdir "
-                  f"{workdir}", file=sys.stderr, flush=True)
+        _write_samples(model, end.state, built, config, workdir, end.step)  # all processes sample, 0 writes
     return end.metrics or loop_lib.read_metrics(workdir)[-1]
 
 

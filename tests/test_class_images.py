@@ -86,3 +86,19 @@ def test_a_folder_of_unknown_images_is_refused(model, tmp_path):
     tiny.write_pictures(str(tmp_path), seed=0, count=1, concept=False)
     with pytest.raises(class_images.ClassImagesError, match="no manifest.json"):
         class_images.ensure_class_images(model, str(tmp_path), count=1, **FAST)
+
+
+def test_a_process_other_than_0_samples_with_the_others_but_writes_nothing(model, reference, tmp_path, monkeypatch):
+    """In a multi-process run every process samples the missing batches (a collective) and process 0
+    alone writes; here one process plays "process 1" after process 0's manifest is in place."""
+    folder = str(tmp_path / "class_images")
+    class_images.ensure_class_images(model, folder, count=1, **FAST)  # as process 0: manifest + image 0
+    before = sorted(os.listdir(folder))
+    calls = _count_batches(monkeypatch)
+    barriers = []
+    monkeypatch.setattr(class_images.distributed, "is_primary", lambda: False)
+    monkeypatch.setattr(class_images.distributed, "barrier", barriers.append)
+    assert class_images.ensure_class_images(model, folder, count=3, **FAST) == folder
+    assert len(calls) == 2  # it sampled the batches of the missing images 1 and 2 (batch size 2)
+    assert sorted(os.listdir(folder)) == before  # and wrote nothing
+    assert len(barriers) == 3

@@ -22,9 +22,9 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from mlmjax import distributed
 from mlmjax import loop
@@ -191,27 +191,6 @@ def test_only_process_0_writes_the_loop_files(tmp_path, monkeypatch, primary):
         assert [row["step"] for row in loop.read_metrics(str(tmp_path))] == [1, 2]  # untouched
 
 
-def test_a_multi_process_run_needs_its_class_images_made_before(tmp_path, monkeypatch):
-    from mlmjax import class_images
-    from mlmjax import train as train_lib
-    from test_train_step import load_config
-
-    config = load_config("dreambooth")
-    config.prior.weight, config.prior.images, config.prior.num_images = 1.0, "", 2
-    train_lib._check_class_images_exist(config, str(tmp_path))  # one process: it generates them itself
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
-    with pytest.raises(ValueError, match="a multi-process run does not generate class images"):
-        train_lib._check_class_images_exist(config, str(tmp_path))
-    folder = tmp_path / train_lib.CLASS_IMAGES_DIR
-    folder.mkdir()
-    (folder / class_images.MANIFEST).write_text("{}")
-    for i in range(2):
-        open(class_images.image_path(str(folder), i), "wb").close()
-    train_lib._check_class_images_exist(config, str(tmp_path))  # complete: nothing to generate
-    config.prior.images = "/data/class"
-    train_lib._check_class_images_exist(config, str(tmp_path / "elsewhere"))
-
-
 # ---------------------------------------------------------------------------------------------------
 # Two processes.
 
@@ -246,6 +225,8 @@ def test_two_processes_give_the_single_process_step(tmp_path):
 
 TRAIN = ["--config", "configs/ti.py", "--config.batch_size=8", "--config.mesh.data=2", "--config.mesh.fsdp=4",
          "--config.log_every=1", "--config.checkpoint.every=2", "--config.sample_prompts=()"]
+# The last runs end with samples: one prompt, 2 DDIM steps.
+SAMPLES = ["--config.sample_prompts=('a {} in the snow',)", "--config.sample_steps=2"]
 
 
 def test_distributed_training_end_to_end_and_resume(tmp_path):
@@ -256,18 +237,18 @@ def test_distributed_training_end_to_end_and_resume(tmp_path):
         return [sys.executable, "-m", "mlmjax.train", *TRAIN, f"--config.max_steps={steps}", "--workdir", workdir,
                 *extra]
 
-    def pair(steps):
+    def pair(steps, *extra):
         port = free_port()
         return [(train(multi, steps, "--distributed", "--coordinator_address", f"localhost:{port}",
-                       "--num_processes", "2", "--process_id", str(i)), env(4)) for i in range(2)]
+                       "--num_processes", "2", "--process_id", str(i), *extra), env(4)) for i in range(2)]
 
-    first = run_together([(train(single, 3), env(8)), *pair(2)], tmp_path, "first")
+    first = run_together([(train(single, 3, *SAMPLES), env(8)), *pair(2)], tmp_path, "first")
     check_ok(first, "train")
     for i in range(2):
         assert f"process {i}/2, local devices 4, global devices 8" in first[1 + i][1].splitlines()
     assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == ["2"]
     assert {"config.json", "run.json", "metrics.jsonl"} <= set(os.listdir(multi))
-    second = run_together(pair(3), tmp_path, "second")
+    second = run_together(pair(3, *SAMPLES), tmp_path, "second")
     check_ok(second, "resumed train")
     assert "resuming" in second[0][2]
     expected, got = loop.read_metrics(single), loop.read_metrics(multi)
@@ -278,3 +259,9 @@ def test_distributed_training_end_to_end_and_resume(tmp_path):
     assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == ["2", "3"]
     # Every process returns the same last metrics (process 0 wrote them).
     assert json.loads(second[1][1].strip().splitlines()[-1]) == got[-1]
+    # The end-of-run samples: drawn by both processes over their 8 devices, written once, and the
+    # single process's image up to float rounding.
+    samples = [os.path.join(workdir, "samples", "step_3") for workdir in (single, multi)]
+    assert sorted(os.listdir(samples[1])) == sorted(os.listdir(samples[0]))
+    want, got_image = (np.asarray(Image.open(os.path.join(folder, "prompt000_0000.png")), np.int16) for folder in samples)
+    assert np.abs(want - got_image).max() <= 1
