@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mlmjax.models import lean_ops
 from mlmjax.models.attention import dot_product_attention
 from mlmjax.weights import WeightsError
 
@@ -38,7 +39,7 @@ ACTIVATIONS = {
     # transformers' "quick_gelu": x·σ(1.702x), the activation OpenAI's CLIP was trained with (SD 1.x).
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     # transformers' "gelu" is the exact erf form (OpenCLIP ViT-H, SD 2.x), not the tanh approximation.
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": lean_ops.gelu,
 }
 
 # Written by transformers for the saving process, not a property of the model; the dtype is dropped so

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from mlmjax.models import lean_ops
 from mlmjax.models.attention import dot_product_attention
 from mlmjax.weights import WeightsError
 
@@ -81,7 +82,8 @@ def conv(features: int, *, kernel: int = 3, stride: int = 1, padding=None, dtype
         padding = (kernel - 1) // 2
     if isinstance(padding, int):
         padding = ((padding, padding), (padding, padding))
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, name=name)
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype, name=name,
+                   conv_general_dilated=lean_ops.conv_general_dilated)
 
 
 def group_norm(groups: int, eps: float, *, dtype: Dtype, name: str) -> nn.GroupNorm:
@@ -111,7 +113,7 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.silu(nn.Dense(self.features, dtype=self.dtype, name="linear_1")(x))
+        x = lean_ops.silu(nn.Dense(self.features, dtype=self.dtype, name="linear_1")(x))
         return nn.Dense(self.features, dtype=self.dtype, name="linear_2")(x)
 
 
@@ -127,12 +129,12 @@ class ResnetBlock2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
-        h = nn.silu(group_norm(self.groups, self.eps, dtype=self.dtype, name="norm1")(x))
+        h = lean_ops.silu(group_norm(self.groups, self.eps, dtype=self.dtype, name="norm1")(x))
         h = conv(self.out_channels, dtype=self.dtype, name="conv1")(h)
         if temb is not None:
-            temb = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(nn.silu(temb))
+            temb = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(lean_ops.silu(temb))
             h = h + temb[:, None, None, :]
-        h = nn.silu(group_norm(self.groups, self.eps, dtype=self.dtype, name="norm2")(h))
+        h = lean_ops.silu(group_norm(self.groups, self.eps, dtype=self.dtype, name="norm2")(h))
         h = conv(self.out_channels, dtype=self.dtype, name="conv2")(h)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, kernel=1, dtype=self.dtype, name="conv_shortcut")(x)

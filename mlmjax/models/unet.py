@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mlmjax.models import lean_ops
 from mlmjax.models.layers import (Attention, Downsample2D, Dtype, ResnetBlock2D, TimestepEmbedding, Upsample2D,
                                   config_to_dict, conv, group_norm, parse_config, timestep_embedding,
                                   unsupported)
@@ -172,7 +173,7 @@ class GEGLU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x, gate = jnp.split(nn.Dense(2 * self.features, dtype=self.dtype, name="proj")(x), 2, axis=-1)
-        return x * nn.gelu(gate, approximate=False)
+        return x * lean_ops.gelu(gate)
 
 
 class FeedForward(nn.Module):
@@ -368,7 +369,7 @@ class UNet2DConditionModel(nn.Module):
             x = block(x, tuple(block_skips), temb, contexts[offset:offset + n], upsample_size)
             offset += n
 
-        x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, dtype=self.dtype, name="conv_norm_out")(x))
+        x = lean_ops.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, dtype=self.dtype, name="conv_norm_out")(x))
         return conv(cfg.out_channels, dtype=self.dtype, name="conv_out")(x)
 
     def _maybe_remat(self, block: type[nn.Module], **kwargs) -> type[nn.Module]:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from mlmjax.models import lean_ops
 from mlmjax.models.layers import (Attention, Downsample2D, Dtype, ResnetBlock2D, Upsample2D, config_to_dict, conv,
                                   group_norm, parse_config, unsupported)
 
@@ -147,7 +148,7 @@ class Encoder(nn.Module):
         for i, channels in enumerate(cfg.block_out_channels):
             x = DownEncoderBlock2D(cfg, channels, i < last, dtype=self.dtype, name=f"down_blocks_{i}")(x)
         x = MidBlock(cfg, dtype=self.dtype, name="mid_block")(x)
-        x = nn.silu(group_norm(cfg.norm_num_groups, _EPS, dtype=self.dtype, name="conv_norm_out")(x))
+        x = lean_ops.silu(group_norm(cfg.norm_num_groups, _EPS, dtype=self.dtype, name="conv_norm_out")(x))
         return conv(2 * cfg.latent_channels, dtype=self.dtype, name="conv_out")(x)
 
 
@@ -166,7 +167,7 @@ class Decoder(nn.Module):
         last = len(channels) - 1
         for i, out_channels in enumerate(channels):
             x = UpDecoderBlock2D(cfg, out_channels, i < last, dtype=self.dtype, name=f"up_blocks_{i}")(x)
-        x = nn.silu(group_norm(cfg.norm_num_groups, _EPS, dtype=self.dtype, name="conv_norm_out")(x))
+        x = lean_ops.silu(group_norm(cfg.norm_num_groups, _EPS, dtype=self.dtype, name="conv_norm_out")(x))
         return conv(cfg.out_channels, dtype=self.dtype, name="conv_out")(x)
 
 
