@@ -19,6 +19,7 @@ setup(
     package_dir={"mlmjax._clip_bpe": "third_party/clip_bpe"},
     package_data={"mlmjax._clip_bpe": ["*.gz", "LICENSE"],
                   "mlmjax.prompts": ["data/*.txt", "data/*.md", "data/*/*.txt"],
+                  "mlmjax.world": ["data/*.txt", "data/*.md", "data/*/*.txt", "assets/evaluator/*"],
                   "mlmjax": ["assets/*/*", "assets/*/*/*"]},
     # Lower bounds, not pins: accelerator hosts on Python >= 3.12 run newer jax/flax.
     install_requires=[
