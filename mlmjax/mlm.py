@@ -179,14 +179,15 @@ def _chunk_starts(vocab: int, chunk: int) -> jax.Array:
 
 
 def _chunk_logits(features, kernel, bias, start, index, chunk):
-    """``[N, chunk]`` float32 logits of one chunk and ``[chunk]`` their vocabulary ids; on the columns
-    an earlier chunk already covered, the logit is -inf and the id -1 (never a label)."""
+    """``[N, chunk]`` float32 logits of one chunk, ``[chunk]`` their vocabulary ids and the chunk's
+    ``[D, chunk]`` kernel slice; on the columns an earlier chunk already covered, the logit is -inf and
+    the id -1 (never a label)."""
     columns = start + jnp.arange(chunk)
     fresh = columns >= index * chunk
     w = jax.lax.dynamic_slice_in_dim(kernel, start, chunk, axis=1).astype(features.dtype)
     b = jax.lax.dynamic_slice_in_dim(bias, start, chunk)
     logits = jnp.dot(features, w, preferred_element_type=jnp.float32) + b.astype(jnp.float32)
-    return jnp.where(fresh, logits, -jnp.inf), jnp.where(fresh, columns, -1)
+    return jnp.where(fresh, logits, -jnp.inf), jnp.where(fresh, columns, -1), w
 
 
 def _chunked_statistics(features, kernel, bias, labels, chunk):
@@ -196,7 +197,7 @@ def _chunked_statistics(features, kernel, bias, labels, chunk):
     def fold(carry, xs):
         running_max, running_sum, label_logit = carry
         start, index = xs
-        logits, columns = _chunk_logits(features, kernel, bias, start, index, chunk)
+        logits, columns, _ = _chunk_logits(features, kernel, bias, start, index, chunk)
         new_max = jnp.maximum(running_max, logits.max(axis=-1))
         running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(logits - new_max[:, None]).sum(-1)
         hit = columns[None, :] == labels[:, None]
@@ -228,11 +229,10 @@ def _chunked_backward(chunk, residuals, cotangents):
     def accumulate(carry, xs):
         d_features, d_kernel, d_bias = carry
         start, index = xs
-        logits, columns = _chunk_logits(features, kernel, bias, start, index, chunk)
+        logits, columns, w = _chunk_logits(features, kernel, bias, start, index, chunk)
         # d CE / d logits = softmax - one_hot(label); the masked overlap has softmax 0 and no label.
         d_logits = (jnp.exp(logits - log_normalizer[:, None])
                     - (columns[None, :] == labels[:, None])) * ce_cotangent[:, None]
-        w = jax.lax.dynamic_slice_in_dim(kernel, start, chunk, axis=1).astype(features.dtype)
         d_features = d_features + jnp.dot(d_logits.astype(features.dtype), w.T, preferred_element_type=jnp.float32)
         # Kernel and bias gradients (pretraining); a frozen projection's are dead code that jit drops.
         d_w = jnp.dot(features.T, d_logits.astype(features.dtype), preferred_element_type=jnp.float32)
