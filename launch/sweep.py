@@ -263,18 +263,14 @@ def train_command(run: Run, launcher: Sequence[str]) -> list[str]:
 
 
 def read_metrics(folder: str) -> list[dict]:
-    """The rows of ``folder/metrics.jsonl`` (an unreadable trailing line, as a kill may leave, is ignored)."""
-    rows = []
+    """The rows of ``folder/metrics.jsonl`` as ``mlmjax.loop`` reads them; a damaged file counts as no
+    rows here (the run is then not finished, and ``mlmjax.train`` says what is wrong with it)."""
+    from mlmjax import loop
+
     try:
-        with open(os.path.join(folder, "metrics.jsonl")) as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    pass
-    except OSError:
-        pass
-    return [row for row in rows if isinstance(row, dict) and "step" in row]
+        return loop.read_metrics(folder)
+    except ValueError:
+        return []
 
 
 def finished_earlier(run: Run) -> bool:

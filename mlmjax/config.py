@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from mlmjax.prompts.prompt_set import ALL_FAMILIES
+
 METHODS = ("ti", "xti", "dreambooth", "custom_diffusion")
 
 # PAPER.md §1.4: the text side only. Regexes over "<component>/<flax path>"; first match wins.
@@ -40,7 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.concept.images = ""  # a folder of photos; empty: the embedded default's concept
     c.concept.token = "<concept>"
     c.concept.class_noun = ""  # empty: the embedded default's
-    c.concept.family = "nonliving"  # "pet" or "nonliving": which context-rich prompt set
+    # Which context-rich prompt set: "pet", "nonliving" or "world"; empty: "world" for the embedded
+    # default's concept (concept.images empty), else "nonliving" (see concept_family).
+    c.concept.family = ""
     c.concept.init_word = ""  # the word whose embedding starts the concept token; empty: class noun
     c.concept.xti_tokens = "blocks"  # XTI/P+ only: one token per cross-attention "blocks" group (7) or "layers" (16)
     c.concept.flip_prob = 0.5
@@ -81,7 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every = 50
     c.sample_steps = 25  # DDIM steps for the samples written at the end of a run
     # A tuple, so the command line can set it: --config.sample_prompts="('a {} in the snow',)"; () for none.
-    c.sample_prompts = ("a photo of a {} on the beach", "a {} wearing a red hat", "a painting of a {}")
+    c.sample_prompts = ("a photo of a {} on the beach", "a {} wearing a red hat", "a {} in the snow")
     return c
 
 
@@ -100,8 +104,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             fail(key, "must be non-negative")
     if not 0 < config.mlm.mask_prob < 1:
         fail("mlm.mask_prob", "must be in (0, 1)")
-    if config.concept.family not in ("pet", "nonliving"):
-        fail("concept.family", "must be 'pet' or 'nonliving'")
+    if config.concept.family not in ("",) + ALL_FAMILIES:
+        fail("concept.family", f"must be one of {('',) + ALL_FAMILIES}")
     if config.concept.xti_tokens not in ("blocks", "layers"):
         fail("concept.xti_tokens", "must be 'blocks' or 'layers'")
     if config.compute_dtype not in ("float32", "bfloat16"):
@@ -111,6 +115,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for i, prompt in enumerate(config.sample_prompts):
         if "{}" not in prompt:
             fail("sample_prompts", f"prompt {i} ({prompt!r}) needs a {{}} slot for the concept")
+
+
+def concept_family(config: ml_collections.ConfigDict) -> str:
+    """The concept's prompt family; an empty ``concept.family`` means "world" for the embedded default's
+    concept (empty ``concept.images``: the world's teapot) and "nonliving" for a user's photos, the
+    default before "world" existed, so a user's config keeps its prompt set."""
+    if config.concept.family:
+        return config.concept.family
+    return "world" if not config.concept.images else "nonliving"
 
 
 def parse_options(options: str | None, allowed: tuple[str, ...]) -> set[str]:

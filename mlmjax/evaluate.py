@@ -29,6 +29,8 @@ from absl import app, flags
 import numpy as np
 from PIL import Image
 
+from mlmjax import config as config_lib
+from mlmjax.world import captions as world_captions
 from mlmjax import data as data_lib
 from mlmjax import eval_models
 from mlmjax import files
@@ -53,7 +55,7 @@ def define_flags() -> None:
     flags.DEFINE_string("dino", None, "a transformers ViTModel folder (DINO), e.g. dino-vits16")
     flags.DEFINE_string("contextualizer", None, "the contextualizer that scores text-space metrics "
                         "(default: each run's mlm.contextualizer)")
-    flags.DEFINE_string("prompts", None, "living, nonliving or a file of {} templates (default: by concept.family)")
+    flags.DEFINE_string("prompts", None, "living, nonliving, world or a file of {} templates (default: by concept.family)")
     flags.DEFINE_integer("images_per_prompt", 8, "images per prompt", lower_bound=1)
     flags.DEFINE_enum("scheduler", "ddpm", sampling.SCHEDULERS, "the sampler")
     flags.DEFINE_integer("steps", 50, "denoising steps", lower_bound=1)
@@ -64,12 +66,16 @@ def define_flags() -> None:
 
 
 def prompt_templates(choice: str | None, family: str) -> list[str]:
-    """DreamBench's living/nonliving prompts, a user's file of ``{}`` templates, or by the concept family."""
-    choice = choice or ("living" if family == "pet" else "nonliving")
+    """DreamBench's living/nonliving prompts, the world's held-out contexts, a user's file of ``{}``
+    templates, or by the concept family."""
+    choice = choice or {"pet": "living", "world": "world"}.get(family, "nonliving")
     if choice in ("living", "nonliving"):
         return prompt_set.eval_prompts(choice)
+    if choice == "world":
+        return world_captions.eval_prompts("{}")
     if not os.path.isfile(choice):
-        raise FileNotFoundError(f"--prompts={choice}: neither 'living', 'nonliving' nor a file of prompt templates")
+        raise FileNotFoundError(f"--prompts={choice}: neither 'living', 'nonliving', 'world' nor a file of prompt "
+                                "templates")
     return list(templates.read_format_lines(choice))
 
 
@@ -215,7 +221,7 @@ def main(argv: list[str]) -> None:
         all_results = []
         for workdir in f.workdir:
             run = workdir_lib.load_trained(workdir, step=f.step)
-            prompts = prompt_templates(f.prompts, run.config.concept.family)
+            prompts = prompt_templates(f.prompts, config_lib.concept_family(run.config))
             results = evaluate_run(run, prompts=prompts, images_per_prompt=f.images_per_prompt,
                                    scheduler=f.scheduler, steps=f.steps, guidance=f.guidance, seed=f.seed,
                                    clip=clip, dino=dino, contextualizer=f.contextualizer)

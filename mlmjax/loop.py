@@ -222,12 +222,29 @@ def train_loop(
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """The rows of ``metrics.jsonl``."""
+    """The rows of ``metrics.jsonl`` ([] if there is none).
+
+    A last line that is not a whole JSON row is what a kill in mid-write leaves: it is dropped (a
+    resume's ``truncate_metrics`` then rewrites the file without it). Any other bad line is an error
+    naming the file and line, since the record would be silently wrong.
+    """
     path = os.path.join(workdir, METRICS_FILE)
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for position, (number, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+        elif position < len(lines) - 1 or line.endswith("\n"):
+            raise ValueError(f"{path}:{number}: not a metrics row ({line.strip()[:60]!r}); the file is damaged; "
+                             "move it away to start the record afresh")
+    return rows
 
 
 def truncate_metrics(workdir: str, step: int) -> None:

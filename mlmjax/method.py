@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mlmjax import config as config_lib
 from mlmjax import data as data_lib
 from mlmjax import mlm
 from mlmjax import sharding
@@ -199,7 +200,7 @@ def build(config: ml_collections.ConfigDict, model: Pretrained, *, concept_image
 
 def _prompt_set(config: ml_collections.ConfigDict) -> prompts_lib.PromptSet:
     types = [t.strip() for t in config.mlm.prompt_types.split(",") if t.strip()] or None
-    return prompts_lib.PromptSet.load(config.concept.family, types=types,
+    return prompts_lib.PromptSet.load(config_lib.concept_family(config), types=types,
                                       per_type_size=config.mlm.per_type_size or None, seed=config.seed)
 
 

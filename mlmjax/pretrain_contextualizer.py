@@ -168,21 +168,23 @@ def mask_captions(captions: list[str], rng: np.random.Generator, tokenizer, *, m
 
 
 def make_batch(step: int, *, seed: int, batch_size: int, user_captions: list[str], synthetic_ratio: float,
-               **masking) -> dict[str, np.ndarray]:
+               synthetic_data: str | None = None, **masking) -> dict[str, np.ndarray]:
     """The batch of ``step``: a pure function of ``(seed, step)``, with no iterator state to restore.
 
-    Each caption is synthetic with probability ``synthetic_ratio``, else uniform from ``user_captions``.
+    Each caption is synthetic (from the prompt data folder ``synthetic_data``, default mlmjax's) with
+    probability ``synthetic_ratio``, else uniform from ``user_captions``.
     """
     rng = np.random.default_rng([seed, step])
-    captions = list(itertools.islice(synthetic.caption_stream(rng, user_captions, synthetic_ratio), batch_size))
+    stream = synthetic.caption_stream(rng, user_captions, synthetic_ratio, data_dir=synthetic_data)
+    captions = list(itertools.islice(stream, batch_size))
     return mask_captions(captions, rng, **masking)
 
 
-def heldout_batch(seed: int, size: int, **masking) -> dict[str, np.ndarray]:
+def heldout_batch(seed: int, size: int, synthetic_data: str | None = None, **masking) -> dict[str, np.ndarray]:
     """A fixed masked batch of synthetic captions, drawn from a stream the training batches never use
     (a caption can still recur: the synthetic set is finite). ``masking``: see :func:`mask_captions`."""
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=_HELDOUT_SPAWN_KEY))
-    return mask_captions(synthetic.synthetic_captions(rng, size), rng, **masking)
+    return mask_captions(synthetic.synthetic_captions(rng, size, data_dir=synthetic_data), rng, **masking)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -274,7 +276,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
                                  tx=_optimizer(config), mesh=sharding.make_mesh(sharding.DATA_PARALLEL))
     user_captions = synthetic.read_caption_file(config.captions) if config.captions else []
     masking = {"tokenizer": tokenizer, "mask_prob": config.mask_prob, "mask_token_id": mask_token_id,
-               "max_caption_tokens": config.max_caption_tokens}
+               "max_caption_tokens": config.max_caption_tokens, "synthetic_data": config.synthetic_data or None}
     batch_fn = functools.partial(
         make_batch, seed=config.seed, batch_size=config.batch_size, user_captions=user_captions,
         synthetic_ratio=config.synthetic_ratio if user_captions else 1.0, **masking)

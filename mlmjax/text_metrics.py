@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mlmjax import config as config_lib
 from mlmjax import method as method_lib
 from mlmjax import mlm
 from mlmjax import tokenizer as tokenizer_lib
@@ -271,7 +272,7 @@ def text_metrics(run: TrainedRun, contextualizer_folder: str, *, num_prompts: in
     if num_prompts < 1 or batch_size < 1:
         raise ValueError(f"num_prompts={num_prompts} and batch_size={batch_size} must be positive")
     spec, params, mask_token_id = _scoring_state(run, contextualizer_folder)
-    templates = evaluation_templates(run.config.concept.family, num_prompts, seed)
+    templates = evaluation_templates(config_lib.concept_family(run.config), num_prompts, seed)
     concept, reference = prompt_batches(run, templates, seed=seed, mask_token_id=mask_token_id)
     blocks = {"": _blocks(concept, batch_size), "_class": _blocks(reference, batch_size)}
     most_masked = max(int(block.mask.sum()) for block in blocks[""])

@@ -3,24 +3,29 @@
 Same architecture family as SD 1.5 (CLIP text tower with the real 49,408-token vocabulary, a UNet
 with three cross-attention down blocks, a plain down block, a cross-attention mid block and the mirror
 on the way up, hence the same 7 cross-attention block groups; a KL autoencoder), with few channels and
-32×32 images (16×16×4 latents). It initialises randomly in about a second on a CPU and is written as a
-diffusers-layout folder with :func:`mlmjax.save_pretrained`, so every part of mlmjax runs without
+32×32 images (16×16×4 latents).
+
+:func:`tiny_pretrained` gives this architecture with random weights (in about a second on a CPU): the
+starting point of the world's pretraining and of tests. The shipped default, ``assets/tiny``, is that
+architecture trained on the miniature world (:mod:`mlmjax.world.pretrain`), with the world's novel
+concept as the concept to customize, so every part of mlmjax runs, and shows something, without
 network access.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from mlmjax import pretrained as pretrained_lib
 from mlmjax import tokenizer as tokenizer_lib
+from mlmjax.world import render as world_render
+from mlmjax.world import scene as world_scene
 
 RESOLUTION = 32
 
@@ -82,8 +87,8 @@ _PICTURE_SIZE = 64
 class EmbeddedAssets(NamedTuple):
     model: str  # diffusers-layout folder
     contextualizer: str  # a contextualizer folder pretrained on the tiny text encoder
-    concept_images: str  # photos of the concept: a red polka-dot toy teapot, in one context
-    class_images: str  # other teapots, for prior preservation
+    concept_images: str  # photos of the concept: the world's novel teapot, in one context
+    class_images: str  # the world's ordinary teapots, for prior preservation
     class_noun: str
 
 
@@ -98,59 +103,16 @@ def embedded_assets() -> EmbeddedAssets:
     return assets
 
 
-def draw_teapot(rng: np.random.Generator, body: tuple[int, int, int], background: tuple[int, int, int],
-                dots: bool, table: bool) -> Image.Image:
-    """A toy teapot (body, spout, handle, lid) at a random place and size on a plain background."""
-    size = _PICTURE_SIZE
-    image = Image.new("RGB", (size, size), background)
-    draw = ImageDraw.Draw(image)
-    if table:  # the concept's one context: a checkered tablecloth
-        for x in range(0, size, 8):
-            for y in range(size * 5 // 8, size, 8):
-                if (x + y) // 8 % 2 == 0:
-                    draw.rectangle([x, y, x + 7, y + 7], fill=(235, 235, 245))
-    scale = rng.uniform(0.75, 1.0)
-    w, h = int(30 * scale), int(22 * scale)
-    cx = int(rng.integers(w // 2 + 10, size - w // 2 - 10))
-    cy = int(rng.integers(h // 2 + 12, size - h // 2 - 4))
-    outline = tuple(int(c * 0.5) for c in body)
-    draw.polygon([(cx + w // 2 - 2, cy), (cx + w // 2 + 9, cy - h // 2 - 3), (cx + w // 2 + 5, cy + 2)],
-                 fill=body, outline=outline)  # spout
-    draw.ellipse([cx - w // 2 - 8, cy - h // 4, cx - w // 2 + 4, cy + h // 4], outline=outline, width=3)  # handle
-    draw.ellipse([cx - w // 2, cy - h // 2, cx + w // 2, cy + h // 2], fill=body, outline=outline)
-    draw.rectangle([cx - w // 6, cy - h // 2 - 4, cx + w // 6, cy - h // 2], fill=outline)  # lid
-    if dots:
-        for dx, dy in ((-8, -3), (0, 4), (7, -4), (-3, -8), (5, 6)):
-            x, y = cx + int(dx * scale), cy + int(dy * scale)
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(255, 255, 255))
-    return image
-
-
 def write_pictures(folder: str, seed: int, count: int, *, concept: bool) -> None:
-    """The concept photos (red polka-dot teapot on a tablecloth) or class photos (plain teapots)."""
+    """The concept's photos (the world's novel teapot, all on the kitchen table: one context) or class
+    pictures (the world's ordinary teapots in random contexts), rendered at 64×64."""
     rng = np.random.default_rng(seed)
+    scenes = (world_scene.sample_concept_scenes(rng, count) if concept
+              else world_scene.sample_class_scenes(rng, count))
     os.makedirs(folder, exist_ok=True)
-    for i in range(count):
-        if concept:
-            image = draw_teapot(rng, (200, 30, 40), (190, 160, 120), dots=True, table=True)
-        else:
-            body = tuple(int(c) for c in rng.integers(40, 230, 3))
-            background = tuple(int(c) for c in rng.integers(60, 250, 3))
-            image = draw_teapot(rng, body, background, dots=False, table=False)
-        image.save(os.path.join(folder, f"{'concept' if concept else 'class'}_{i:02d}.png"))
-
-
-def write_embedded_model(out: str) -> None:
-    """The tiny model, with weights stored as float16 to keep the package small.
-
-    Its ``tokenizer/`` folder is dropped: it would repeat the vendored CLIP vocabulary (3.5 MB), which
-    ``load_pretrained`` uses for a folder without one.
-    """
-    model_dir = os.path.join(out, "model")
-    pretrained_lib.save_pretrained(model_dir, tiny_pretrained(seed=0), dtype=np.float16)
-    shutil.rmtree(os.path.join(model_dir, "tokenizer"))
-    write_pictures(os.path.join(out, "concept"), seed=1, count=5, concept=True)
-    write_pictures(os.path.join(out, "class"), seed=2, count=12, concept=False)
+    for i, scene in enumerate(scenes):
+        name = f"{'concept' if concept else 'class'}_{i:02d}.png"
+        world_render.render_image(scene, _PICTURE_SIZE).save(os.path.join(folder, name))
 
 
 def _demo(out: str, prompt: str) -> None:

@@ -50,6 +50,8 @@ CLASS_IMAGES_DIR = "class_images"
 def _resolve_embedded(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Fills the empty data fields with the embedded tiny default's (only if pretrained is empty too)."""
     config = ml_collections.ConfigDict(config.to_dict())
+    # Resolved (and so recorded in config.json) before the embedded photos fill concept.images.
+    config.concept.family = config_lib.concept_family(config)
     if not config.pretrained:
         embedded = tiny.embedded_assets()
         config.pretrained = embedded.model

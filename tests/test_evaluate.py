@@ -147,6 +147,9 @@ def test_compare_groups_by_method_and_lambda():
 def test_prompt_choices_and_bad_prompt_files(tmp_path):
     assert len(evaluate_lib.prompt_templates(None, "pet")) == 25
     assert evaluate_lib.prompt_templates(None, "nonliving") == evaluate_lib.prompt_templates("nonliving", "pet")
+    world = evaluate_lib.prompt_templates(None, "world")  # the world's held-out contexts
+    assert len(world) == 58 and world == evaluate_lib.prompt_templates("world", "pet")
+    assert all(p.count("{}") == 1 for p in world) and "{} on the beach" not in world
     bad = tmp_path / "bad.txt"
     bad.write_text("a photo of my dog\n")
     with pytest.raises(ValueError, match="bad.txt:1: expected exactly one"):

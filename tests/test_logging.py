@@ -5,6 +5,7 @@ The loop is driven by a fake step function (no model, nothing to compile) whose 
 functions of the step, so every expected value is known.
 """
 
+import importlib.util
 import json
 import os
 import signal
@@ -222,3 +223,20 @@ def test_the_plots_command_overlays_two_workdirs_and_refuses_one_without_metrics
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {empty}: no metrics.jsonl rows; is it a training run that has logged a step?"]
+
+
+def test_read_metrics_drops_a_torn_last_line_and_refuses_a_damaged_one(tmp_path):
+    path = tmp_path / loop.METRICS_FILE
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "lo')  # killed mid-write
+    assert [row["step"] for row in loop.read_metrics(str(tmp_path))] == [1, 2]
+    loop.truncate_metrics(str(tmp_path), 2)  # what a resume does: the torn line is gone for good
+    assert path.read_text() == '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n'
+    path.write_text('{"step": 1, "loss": 0.5}\nnot json\n{"step": 3, "loss": 0.4}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a metrics row"):
+        loop.read_metrics(str(tmp_path))
+    # The sweep treats a damaged record as an unfinished run (mlmjax.train then says what is wrong).
+    spec = importlib.util.spec_from_file_location("launch_sweep", os.path.join(ROOT, "launch", "sweep.py"))
+    sweep = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = sweep  # dataclasses look their module up there
+    spec.loader.exec_module(sweep)
+    assert sweep.read_metrics(str(tmp_path)) == []

@@ -20,6 +20,7 @@ from mlmjax import pretrain_contextualizer as pc
 from mlmjax import tokenizer as tokenizer_lib
 from mlmjax import workdir as workdir_lib
 from mlmjax.models import contextualizer as ctx
+from mlmjax.world import captions as world_captions
 
 _CONFIG_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "contextualizer.py")
 
@@ -192,3 +193,24 @@ def test_run_resumes_its_own_workdir_and_refuses_another_run(trained):
         pc.run(config, trained["workdir"])
     steps = checkpoint_lib.Checkpointer(trained["workdir"]).all_steps()
     assert steps[-1] == trained["config"].max_steps
+
+
+def test_world_option_draws_the_worlds_synthetic_captions(tokenizer):
+    world = get_config("world")
+    pc.validate(world)
+    assert world.synthetic_data == str(world_captions.DATA_DIR) and world.max_caption_tokens == 40
+    with pytest.raises(ValueError, match="one of the options"):
+        get_config("tiny,world")
+    kwargs = dict(seed=3, batch_size=64, user_captions=["a red cat on the beach"], synthetic_ratio=1.0,
+                  tokenizer=tokenizer, mask_prob=0.15, mask_token_id=len(tokenizer),
+                  max_caption_tokens=world.max_caption_tokens)
+    ids = pc.make_batch(0, synthetic_data=world.synthetic_data, **kwargs)["labels"]
+    words = set(tokenizer.batch_decode(ids[:, 1:], skip_special_tokens=True)[0].split())
+    vocabulary = set(" ".join(world_captions.derived_files().values()).split()) | set(
+        (world_captions.DATA_DIR / "templates" / "synthetic.txt").read_text().split())
+    assert words <= vocabulary, words - vocabulary  # nothing outside the world's own words
+    default = pc.make_batch(0, **kwargs)["labels"]
+    assert not np.array_equal(ids, default)  # mlmjax's own synthetic captions are different ones
+    held_out = pc.heldout_batch(3, 8, synthetic_data=world.synthetic_data, tokenizer=tokenizer, mask_prob=0.15,
+                                mask_token_id=len(tokenizer))
+    assert held_out["labels"].shape == (8, 77)

@@ -164,6 +164,42 @@ def test_per_type_size_ablation():
         PromptSet.load("pet", per_type_size=0)
 
 
+def test_world_is_a_family_read_from_its_own_folder():
+    from mlmjax.world import captions
+
+    everything = captions.world_prompt_set("all")
+    assert everything.family == "world"
+    assert everything.types == ["backgrounds", "wearings", "relations", "styles"]
+    assert [everything.count(t) for t in everything.types] == [12, 96, 192, 20] and everything.size == 320
+    assert everything.prefixes == captions.PREFIXES  # the world's, not DATA_DIR's 12
+    # Customization runs read the training split: the held-out evaluation contexts are left out.
+    world = PromptSet.load("world")
+    train = captions.world_prompt_set("train")
+    assert world.family == train.family == "world" and world.types == everything.types
+    assert all(world.all_prompts(t) == train.all_prompts(t) for t in world.types)
+    assert 0 < world.size < everything.size
+    assert all(set(world.all_prompts(t)) < set(everything.all_prompts(t)) for t in world.types)
+    held_out = captions.eval_prompts("<new1>")
+    assert held_out and not set(held_out) & {p for t in world.types for p in world.all_prompts(t)}
+
+
+def test_world_restriction_and_data_dir(tmp_path):
+    from mlmjax.prompts.prompt_set import WORLD_DATA_DIR
+
+    ps = PromptSet.load("world", types=["styles", "backgrounds"], per_type_size=3, seed=4)
+    assert ps.types == ["backgrounds", "styles"] and ps.size == 6
+    assert set(ps.all_prompts("styles")) <= set(PromptSet.load("world").all_prompts("styles"))
+    with pytest.raises(ValueError, match="unknown or empty caption types"):
+        PromptSet.load("world", types=["creatives"])
+    # A user's data_dir applies to "world" as to the others: its templates, not the shipped ones.
+    copy = Path(shutil.copytree(WORLD_DATA_DIR, tmp_path / "world"))
+    (copy / "templates" / "world_train.txt").write_text("styles: <new1> in the {styles} style\n", encoding="utf-8")
+    mine = PromptSet.load("world", data_dir=copy)
+    assert mine.types == ["styles"] and mine.all_prompts("styles")[0] == "<new1> in the outline style"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(DATA_DIR / "templates" / "world_train.txt"))):
+        PromptSet.load("world", data_dir=DATA_DIR)  # the paper's folder has no world templates
+
+
 @pytest.fixture()
 def data_copy(tmp_path) -> Path:
     return Path(shutil.copytree(DATA_DIR, tmp_path / "data"))

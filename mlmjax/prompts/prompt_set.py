@@ -1,7 +1,8 @@
 """The context-rich MLM prompt set (PAPER.md §2), diffusion-loss prompts and evaluation prompts.
 
 Every list is a plain-text file under `data/` (see its README.md); a user may point `data_dir` at a
-copy of that folder with their own words or templates.
+copy of that folder with their own words or templates. The "world" family (the miniature world's
+concept, that of the embedded default model) reads the same layout from `mlmjax/world/data`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ import numpy as np
 
 from mlmjax.prompts.templates import DATA_DIR, SLOT, TemplateSet, read_format_lines
 
-FAMILIES = ("pet", "nonliving")
+FAMILIES = ("pet", "nonliving")  # the paper's families, whose data is `DATA_DIR`
+WORLD_FAMILY = "world"
+# A path rather than an import: mlmjax.world.captions imports this module.
+WORLD_DATA_DIR = Path(__file__).resolve().parent.parent / "world" / "data"
+ALL_FAMILIES = FAMILIES + (WORLD_FAMILY,)
 # Types whose captions are already full sentences (they start with a person or an article); the
 # authors' dataset code prefixes every other type with a random "mlm prefix".
 UNPREFIXED_TYPES = frozenset({"human_interactions", "creatives"})
@@ -38,15 +43,27 @@ class PromptSet:
     @classmethod
     def load(cls, family: str, data_dir: str | Path | None = None, *, types: list[str] | None = None,
              per_type_size: int | None = None, seed: int = 0) -> PromptSet:
-        """Loads and validates `family` ("pet" or "nonliving").
+        """Loads and validates `family` ("pet", "nonliving" or "world": its training split) from
+        `data_dir` (default: the family's own folder, `family_data_dir`).
 
         `types` keeps a subset of caption types and `per_type_size` keeps that many lines per type,
         drawn with replacement with `seed`: the paper's prompt-type and prompt-set-size ablations.
         """
-        if family not in FAMILIES:
-            raise ValueError(f"unknown prompt family {family!r}; expected one of {FAMILIES}")
-        root = Path(data_dir) if data_dir is not None else DATA_DIR
-        templates = TemplateSet.from_file(root / "templates" / f"{family}.txt", root / "words", slots=1)
+        if family not in ALL_FAMILIES:
+            raise ValueError(f"unknown prompt family {family!r}; expected one of {ALL_FAMILIES}")
+        # The world's customization set leaves out its held-out contexts (`world_train.txt`), so that
+        # generating them measures generalisation to contexts MLM never named.
+        templates_name = "world_train" if family == WORLD_FAMILY else family
+        return cls.from_folder(family, family_data_dir(family, data_dir), templates_name, types=types,
+                               per_type_size=per_type_size, seed=seed)
+
+    @classmethod
+    def from_folder(cls, family: str, root: str | Path, templates_name: str, *, types: list[str] | None = None,
+                    per_type_size: int | None = None, seed: int = 0) -> PromptSet:
+        """`load` from `root/templates/<templates_name>.txt` with `root`'s words and prefixes, for a
+        variant of a family's templates (e.g. the world's held-out split, "world_train")."""
+        root = Path(root)
+        templates = TemplateSet.from_file(root / "templates" / f"{templates_name}.txt", root / "words", slots=1)
         if types is not None or per_type_size is not None:
             templates = templates.restrict(types, per_type_size, seed)
         return cls(family, templates, read_format_lines(root / "mlm_prefixes.txt"))
@@ -83,6 +100,13 @@ class PromptSet:
     def sample(self, rng: np.random.Generator, n: int, concept_phrase: str) -> list[str]:
         """The texts of `sample_typed` (same draws for the same `rng` state)."""
         return [p.text for p in self.sample_typed(rng, n, concept_phrase)]
+
+
+def family_data_dir(family: str, data_dir: str | Path | None = None) -> Path:
+    """The folder `family`'s prompt set is read from: `data_dir` if given, else the family's own."""
+    if data_dir is not None:
+        return Path(data_dir)
+    return WORLD_DATA_DIR if family == WORLD_FAMILY else DATA_DIR
 
 
 @lru_cache(maxsize=8)

@@ -24,13 +24,13 @@ from typing import Sequence
 import numpy as np
 
 from mlmjax import files
-from mlmjax.prompts.prompt_set import PromptSet
-from mlmjax.prompts.templates import SLOT, TemplateSet, read_format_lines, with_article
+from mlmjax.prompts.prompt_set import WORLD_DATA_DIR, WORLD_FAMILY, PromptSet, family_data_dir
+from mlmjax.prompts.templates import SLOT, read_format_lines, with_article
 from mlmjax.world.scene import (BACKGROUNDS, COLORS, CONCEPT, CONCEPT_CONTEXT, CONCEPT_PHRASE,
                                 CONCEPT_TOKEN, NONE, OBJECTS, RELATIONS, STYLES, WEARINGS, Scene)
 
-DATA_DIR = Path(__file__).parent / "data"
-FAMILY = "world"
+DATA_DIR = WORLD_DATA_DIR  # data/ next to this module
+FAMILY = WORLD_FAMILY
 TYPES = ("backgrounds", "wearings", "relations", "styles")
 
 # The natural phrase for each background; the other form is "with the {background} in the background".
@@ -130,16 +130,13 @@ def split_contexts(kind: str) -> tuple[list[Scene], list[Scene]]:
 
 
 def world_prompt_set(split: str = "all", data_dir: str | Path | None = None) -> PromptSet:
-    """The world's MLM prompt set as a `PromptSet` ("all" contexts, or the "train" split).
-
-    `PromptSet.load` only accepts its fixed families, so the set is assembled from the same parts.
-    """
+    """The world's MLM prompt set: "all" contexts, or the "train" split that customization runs use
+    (`PromptSet.load("world")`: the held-out contexts left out)."""
     if split not in ("all", "train"):
         raise ValueError(f"unknown split {split!r}; expected 'all' or 'train'")
-    root = Path(data_dir) if data_dir is not None else DATA_DIR
-    name = FAMILY if split == "all" else f"{FAMILY}_train"
-    templates = TemplateSet.from_file(root / "templates" / f"{name}.txt", root / "words", slots=1)
-    return PromptSet(FAMILY, templates, read_format_lines(root / "mlm_prefixes.txt"))
+    if split == "train":
+        return PromptSet.load(FAMILY, data_dir)
+    return PromptSet.from_folder(FAMILY, family_data_dir(FAMILY, data_dir), FAMILY)
 
 
 def eval_prompts(concept_phrase: str = CONCEPT_PHRASE, data_dir: str | Path | None = None) -> list[str]:

@@ -1,0 +1,219 @@
+"""Pretrains the world's tiny text-to-image model from scratch, stage by stage, on this CPU.
+
+    python -m mlmjax.world.pretrain --workdir /tmp/world --stages captions,vae,text
+    python -m mlmjax.world.pretrain --workdir /tmp/world --stages unet &
+    python -m mlmjax.train --config configs/contextualizer.py:world --workdir /tmp/world/ctx \
+        --config.pretrained=/tmp/world/model --config.captions=/tmp/world/captions.txt
+    wait
+    python -m mlmjax.world.pretrain --workdir /tmp/world --export mlmjax/assets/tiny
+
+Stages, each reading and rewriting the diffusers-layout folder ``<workdir>/model`` (created with the
+embedded architecture and random weights, ``mlmjax.tiny``, if absent):
+
+1. ``vae``: the autoencoder (:mod:`mlmjax.world.pretrain_vae`), then its latent scaling factor;
+2. ``text``: the text encoder, contrastive against an image tower (:mod:`mlmjax.world.pretrain_text`);
+3. ``unet``: the UNet by denoising, the text encoder frozen (:mod:`mlmjax.world.pretrain_unet`), then a
+   check: images generated for plain prompts, read back by the world's evaluator;
+4. ``captions``: ``<workdir>/captions.txt``, the corpus the contextualizer pretrains on.
+
+The contextualizer needs only the text encoder, so on a 2-core machine it can pretrain while the
+``unet`` stage runs (each uses about one core).
+
+Each stage logs into ``<workdir>/<stage>/`` (progress bar, ``metrics.jsonl``, ``loss_curve.png``) and
+adds its numbers to ``<workdir>/summary.json``. ``--export`` writes the embedded default: the model in
+float16 without its tokenizer (the vendored CLIP vocabulary stands in), the contextualizer from
+``<workdir>/ctx/contextualizer``, the concept's photos and the class pictures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from mlmjax import files
+from mlmjax import loop
+from mlmjax import pretrained as pretrained_lib
+from mlmjax import sampling
+from mlmjax import tiny
+from mlmjax.world import corpus as corpus_lib
+from mlmjax.world import evaluator as evaluator_lib
+from mlmjax.world import pretrain_text, pretrain_unet, pretrain_vae, quality
+
+STAGES = ("vae", "text", "unet", "captions")
+CORPUS_SEED = 100
+HELD_OUT_SEED = 101  # scenes no stage trains on
+CAPTIONS_SEED = 102
+NUM_CONCEPT_PHOTOS = 5
+NUM_CLASS_PICTURES = 12
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    workdir: str
+    corpus_size: int = 40_000
+    captions: int = 50_000
+    check_prompts: int = 64
+    vae: pretrain_vae.Options = pretrain_vae.Options()
+    text: pretrain_text.Options = pretrain_text.Options()
+    unet: pretrain_unet.Options = pretrain_unet.Options()
+
+    @property
+    def model_dir(self) -> str:
+        return os.path.join(self.workdir, "model")
+
+
+def _run_loop(workdir: str, stage: str, seed: int):
+    def run(step_fn, state, batches, steps):
+        folder = os.path.join(workdir, stage)
+        os.makedirs(folder, exist_ok=True)
+        return loop.train_loop(step_fn, state, batches, jax.random.key(seed), max_steps=steps, workdir=folder,
+                               log_every=max(1, min(50, steps // 10)), description=stage).state
+    return run
+
+
+def _load_model(plan: Plan) -> pretrained_lib.Pretrained:
+    if os.path.isfile(os.path.join(plan.model_dir, "model_index.json")):
+        return pretrained_lib.load_pretrained(plan.model_dir)
+    return tiny.tiny_pretrained(seed=0)
+
+
+def _save_model(plan: Plan, model: pretrained_lib.Pretrained) -> None:
+    pretrained_lib.save_pretrained(plan.model_dir, model, overwrite=True)
+
+
+def _record(plan: Plan, stage: str, numbers: dict) -> None:
+    path = os.path.join(plan.workdir, "summary.json")
+    summary = files.read_json_object(path) if os.path.isfile(path) else {}
+    summary[stage] = numbers
+    files.write_json_atomic(path, summary)
+    print(f"{stage}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers.items()))
+
+
+def _vae_stage(plan: Plan, model, corpus, held_out):
+    params = pretrain_vae.train(model.vae, model.params["vae"], corpus, plan.vae,
+                                _run_loop(plan.workdir, "vae", plan.vae.seed))
+    scale = pretrain_vae.scaling_factor(*pretrain_vae.latent_moments(model.vae, params, corpus.images[:4096]))
+    vae_config = dict(model.vae.config.to_dict(), scaling_factor=scale)
+    vae = pretrained_lib.build_component("vae", vae_config, source="world pretraining")
+    model = dataclasses.replace(model, vae=vae, params={**model.params, "vae": params})
+    return model, {"steps": plan.vae.steps, "scaling_factor": scale,
+                   "held_out_reconstruction_error_levels": pretrain_vae.reconstruction_error(vae, params,
+                                                                                             held_out.images)}
+
+
+def _text_stage(plan: Plan, model, corpus, held_out):
+    params, accuracy = pretrain_text.train(model.text_encoder, model.params["text_encoder"], model.tokenizer,
+                                           corpus, held_out, plan.text,
+                                           _run_loop(plan.workdir, "text", plan.text.seed))
+    model = dataclasses.replace(model, params={**model.params, "text_encoder": params})
+    return model, {"steps": plan.text.steps, "held_out_retrieval_accuracy": accuracy,
+                   "batch_size": plan.text.batch_size}
+
+
+def _unet_stage(plan: Plan, model, corpus, held_out):
+    del held_out
+    moments = pretrain_vae.latent_moments(model.vae, model.params["vae"], corpus.images)
+    params = pretrain_unet.train(model, corpus, moments, plan.unet, _run_loop(plan.workdir, "unet", plan.unet.seed))
+    model = dataclasses.replace(model, params={**model.params, **params})
+    return model, {"steps": plan.unet.steps, "batch_size": plan.unet.batch_size, **check(plan, model)}
+
+
+def check(plan: Plan, model) -> dict:
+    """Images for `plan.check_prompts` plain prompts, scored; writes ``<workdir>/check.png``."""
+    prompts, asked = quality.plain_prompts(plan.check_prompts, quality.CHECK_SEED)
+    scored = quality.generate_and_score(model, evaluator_lib.load_evaluator(), prompts, asked,
+                                         seed=quality.CHECK_SEED)
+    sampling.save_grid(scored.images, plan.workdir, columns=8, name="check.png")
+    files.write_text_atomic(os.path.join(plan.workdir, "check_prompts.txt"), "\n".join(prompts) + "\n")
+    names = ["prompt_fidelity", "match/object", "match/color", "match/background", "match/wearing", "match/style"]
+    return {f"check_{name.replace('match/', '')}": scored.mean(name) for name in names}
+
+
+def run(plan: Plan, stages: Sequence[str]) -> None:
+    os.makedirs(plan.workdir, exist_ok=True)
+    if "captions" in stages:
+        path = os.path.join(plan.workdir, "captions.txt")
+        corpus_lib.write_caption_file(path, plan.captions, CAPTIONS_SEED)
+        _record(plan, "captions", {"path": path, "count": plan.captions})
+    image_stages = [s for s in ("vae", "text", "unet") if s in stages]
+    if not image_stages:
+        return
+    start = time.time()
+    corpus = corpus_lib.build(plan.corpus_size, CORPUS_SEED)
+    held_out = corpus_lib.build(512, HELD_OUT_SEED)
+    print(f"rendered {len(corpus)} training scenes in {time.time() - start:.0f} s")
+    model = _load_model(plan)
+    for stage in image_stages:
+        start = time.time()
+        model, numbers = {"vae": _vae_stage, "text": _text_stage, "unet": _unet_stage}[stage](
+            plan, model, corpus, held_out)
+        _save_model(plan, model)
+        _record(plan, stage, {**numbers, "seconds": round(time.time() - start)})
+
+
+def export(plan: Plan, out: str) -> None:
+    """The embedded default (see the module docstring) into `out`, replacing what it held."""
+    contextualizer = os.path.join(plan.workdir, "ctx", "contextualizer")
+    if not os.path.isdir(contextualizer):
+        raise FileNotFoundError(f"{contextualizer}: pretrain the contextualizer first (see --help)")
+    model = pretrained_lib.load_pretrained(plan.model_dir)
+    staging = out.rstrip("/") + ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    pretrained_lib.save_pretrained(os.path.join(staging, "model"), model, dtype=np.float16)
+    shutil.rmtree(os.path.join(staging, "model", "tokenizer"))
+    shutil.copytree(contextualizer, os.path.join(staging, "contextualizer"))
+    tiny.write_pictures(os.path.join(staging, "concept"), seed=1, count=NUM_CONCEPT_PHOTOS, concept=True)
+    tiny.write_pictures(os.path.join(staging, "class"), seed=2, count=NUM_CLASS_PICTURES, concept=False)
+    readme = os.path.join(out, "README.md")
+    if os.path.isfile(readme):
+        shutil.copy(readme, staging)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(staging, out)
+    print(f"wrote the embedded default to {out}")
+
+
+def _options(cls, text: str):
+    """``steps=100,batch_size=8`` -> cls(steps=100, batch_size=8), types from the defaults."""
+    values = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if key not in fields:
+            raise SystemExit(f"unknown option {key!r}; {cls.__module__} options are {sorted(fields)}")
+        values[key] = type(getattr(cls(), key))(value)
+    return cls(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
+    parser.add_argument("--corpus_size", type=int, default=Plan.corpus_size)
+    parser.add_argument("--captions", type=int, default=Plan.captions, help="captions for the contextualizer")
+    parser.add_argument("--check_prompts", type=int, default=Plan.check_prompts)
+    for stage in ("vae", "text", "unet"):
+        parser.add_argument(f"--{stage}", default="", help=f"{stage} stage options, e.g. steps=100,batch_size=8")
+    parser.add_argument("--export", metavar="DIR", help="write the embedded default from the workdir, run nothing")
+    args = parser.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise SystemExit(f"--stages: unknown stage(s) {unknown}; choose from {STAGES}")
+    plan = Plan(os.path.abspath(args.workdir), args.corpus_size, args.captions, args.check_prompts,
+                _options(pretrain_vae.Options, args.vae), _options(pretrain_text.Options, args.text),
+                _options(pretrain_unet.Options, args.unet))
+    if args.export:
+        export(plan, args.export)
+    else:
+        run(plan, stages)
+
+
+if __name__ == "__main__":
+    main()

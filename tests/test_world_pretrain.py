@@ -1,0 +1,118 @@
+"""World pretraining: the caption corpus, the shared fitting step, and every stage end to end (tiny)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mlmjax import pretrained as pretrained_lib
+from mlmjax.world import captions as captions_lib
+from mlmjax.world import corpus as corpus_lib
+from mlmjax.world import fitting, pretrain, pretrain_text, pretrain_vae
+from mlmjax.world import scene as scene_lib
+
+
+def test_training_captions_are_seeded_and_vary_in_detail():
+    corpus = corpus_lib.build(64, seed=3)
+    again = corpus_lib.build(64, seed=3)
+    np.testing.assert_array_equal(corpus.images, again.images)
+    indices = corpus.batch_indices(seed=1, step=5, batch_size=400)
+    np.testing.assert_array_equal(indices, again.batch_indices(seed=1, step=5, batch_size=400))
+    texts = corpus.captions(indices, seed=1, step=5)
+    assert texts == again.captions(indices, seed=1, step=5)
+    assert texts != corpus.captions(indices, seed=1, step=6)
+    assert 0.05 < np.mean([t == "" for t in texts]) < 0.15  # EMPTY_PROB = 0.1
+    framed = [t for t in texts if t and not t.startswith(("a ", "an "))]
+    assert framed and all(t.startswith(("the ", "a ", "an ")) or " of " in t for t in framed)
+    full = corpus.captions(indices, seed=1, step=5, drop_prob=0.0, empty_prob=0.0, frame_prob=0.0)
+    for i, text in zip(indices[:50], full):  # every attribute said, and it parses back to the scene
+        scene = corpus.scenes[i]
+        parsed = captions_lib.scene_from_prompt(text)
+        assert parsed.object == scene.object and parsed.color == scene.color
+        assert parsed.background == scene.background
+
+
+def test_said_drops_attributes_with_their_fields():
+    scene = scene_lib.Scene(object="cat", color="red", background="snow", wearing="hat", wearing_color="blue",
+                            relation="next to", second_object="cup", second_color="green", style="dots")
+    rng = np.random.default_rng(0)
+    kept = [corpus_lib.said(scene, rng, drop_prob=0.5) for _ in range(200)]
+    assert all(k.object == "cat" for k in kept)
+    for k in kept:  # a dropped item takes its colour with it; the Scene stays valid
+        assert (k.wearing is None) == (k.wearing_color is None)
+        assert (k.relation is None) == (k.second_object is None) == (k.second_color is None)
+    assert 0.35 < np.mean([k.background is None for k in kept]) < 0.65
+    assert corpus_lib.said(scene, rng, drop_prob=0.0) == scene
+
+
+def test_caption_file_has_no_empty_lines(tmp_path):
+    path = tmp_path / "sub" / "captions.txt"
+    corpus_lib.write_caption_file(str(path), 300, seed=0)
+    lines = path.read_text().splitlines()
+    assert len(lines) == 300 and all(lines)
+    assert len(set(lines)) > 250
+
+
+def test_fit_minimises_and_averages():
+    target = jnp.arange(4.0)
+
+    def loss(p, batch, rng):
+        del batch, rng
+        value = jnp.sum((p["w"] - target) ** 2)
+        return value, {}
+
+    def run_loop(step_fn, state, batches, steps):
+        for _ in range(steps):
+            state, metrics = step_fn(state, next(batches), jax.random.key(0))
+        assert set(metrics) == {"loss", "grad_norm"}
+        return state
+
+    batches = iter(lambda: {}, None)
+    schedule = fitting.Schedule(steps=400, learning_rate=0.1, warmup=10)
+    trained = fitting.fit(loss, {"w": jnp.zeros(4)}, schedule, batches, run_loop)
+    np.testing.assert_allclose(trained["w"], target, atol=1e-2)
+    averaged = fitting.fit(loss, {"w": jnp.zeros(4)}, schedule, batches, run_loop, ema_decay=0.9)
+    # The average lags the iterate but, after 400 steps with a window of ~10, sits on the target too.
+    np.testing.assert_allclose(averaged["w"], target, atol=5e-2)
+    assert isinstance(averaged["w"], np.ndarray)
+
+
+def test_contrastive_loss_prefers_matching_pairs():
+    eye = jnp.eye(4)
+    loss, accuracy = pretrain_text.contrastive_loss(eye, eye, jnp.log(10.0))
+    shuffled, shuffled_accuracy = pretrain_text.contrastive_loss(eye, eye[::-1], jnp.log(10.0))
+    assert float(accuracy) == 1.0 and float(shuffled_accuracy) == 0.0
+    assert float(loss) < 0.01 < float(shuffled)
+
+
+def test_scaling_factor_is_inverse_sample_std():
+    mean = np.zeros((500, 4, 4, 4), np.float32)
+    logvar = np.full_like(mean, np.log(4.0))  # samples with std 2
+    assert pretrain_vae.scaling_factor(mean, logvar) == pytest.approx(0.5, rel=0.02)
+
+
+def test_every_stage_runs_and_writes_a_loadable_model(tmp_path):
+    workdir = tmp_path / "world"
+    pretrain.main(["--workdir", str(workdir), "--corpus_size", "32", "--captions", "20", "--check_prompts", "2",
+                   "--vae", "steps=2,batch_size=4", "--text", "steps=2,batch_size=4",
+                   "--unet", "steps=2,batch_size=4"])
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert set(summary) == {"vae", "text", "unet", "captions"}
+    assert summary["unet"]["steps"] == 2 and 0 <= summary["unet"]["check_prompt_fidelity"] <= 1
+    for stage in ("vae", "text", "unet"):
+        rows = [json.loads(line) for line in (workdir / stage / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+    model = pretrained_lib.load_pretrained(str(workdir / "model"))
+    assert model.vae.config.scaling_factor == pytest.approx(summary["vae"]["scaling_factor"])
+    assert os.path.isfile(workdir / "check.png")
+    assert len((workdir / "captions.txt").read_text().splitlines()) == 20
+
+
+def test_unknown_stage_and_option_are_refused(tmp_path):
+    with pytest.raises(SystemExit, match="unknown stage"):
+        pretrain.main(["--workdir", str(tmp_path), "--stages", "vae,clip"])
+    with pytest.raises(SystemExit, match="unknown option 'step'"):
+        pretrain.main(["--workdir", str(tmp_path), "--stages", "vae", "--vae", "step=3"])
