@@ -7,9 +7,15 @@ that does not exist is an error, as is a value of the wrong type.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 from mlmjax.prompts.prompt_set import ALL_FAMILIES
+
+# The embedded default's concept photos (``mlmjax.tiny.embedded_assets().concept_images``), named here
+# so that reading a config needs no model code.
+EMBEDDED_CONCEPT_IMAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny", "concept")
 
 METHODS = ("ti", "xti", "dreambooth", "custom_diffusion")
 
@@ -119,11 +125,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def concept_family(config: ml_collections.ConfigDict) -> str:
     """The concept's prompt family; an empty ``concept.family`` means "world" for the embedded default's
-    concept (empty ``concept.images``: the world's teapot) and "nonliving" for a user's photos, the
-    default before "world" existed, so a user's config keeps its prompt set."""
+    concept (``concept.images`` empty or the embedded photos' folder: the world's teapot) and
+    "nonliving" for a user's photos, the default before "world" existed, so a user's config keeps its
+    prompt set."""
     if config.concept.family:
         return config.concept.family
-    return "world" if not config.concept.images else "nonliving"
+    images = config.concept.images
+    embedded = not images or os.path.realpath(os.path.expanduser(images)) == os.path.realpath(EMBEDDED_CONCEPT_IMAGES)
+    return "world" if embedded else "nonliving"
 
 
 def parse_options(options: str | None, allowed: tuple[str, ...]) -> set[str]:

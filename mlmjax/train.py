@@ -10,8 +10,8 @@ On several hosts, the same command on each with ``--distributed`` (see :mod:`mlm
         --coordinator_address 10.0.0.2:1234 --num_processes 2 --process_id 0   # 1 on the other host
 
 With ``pretrained``, ``concept.images`` and ``mlm.contextualizer`` left empty, the run uses the
-embedded tiny default (``mlmjax/assets/tiny``): a small SD-shaped model, its pretrained contextualizer,
-and a few photos of a toy teapot. The workdir receives ``config.json``, ``metrics.jsonl`` and, at the
+embedded tiny default (``mlmjax/assets/tiny``): a small SD-shaped model trained on the miniature world
+(``mlmjax.world``), its contextualizer, and 5 photos of the world's novel teapot. The workdir receives ``config.json``, ``metrics.jsonl`` and, at the
 end, ``samples/`` with PNGs of a few context prompts.
 """
 

@@ -27,6 +27,8 @@ def _config(family: str = "", images: str = "", **mlm_fields):
     ("pet", "/data/dog6", "pet"),
     ("world", "/data/teapots", "world"),
     ("nonliving", "", "nonliving"),
+    ("", config_lib.EMBEDDED_CONCEPT_IMAGES, "world"),  # the embedded photos, named explicitly
+    ("", config_lib.EMBEDDED_CONCEPT_IMAGES + "/", "world"),
 ])
 def test_family_resolution(family, images, expected):
     config = _config(family, images)
@@ -36,8 +38,11 @@ def test_family_resolution(family, images, expected):
 
 
 def test_base_config_defaults_to_the_embedded_concepts_family():
+    from mlmjax import tiny
+
     config = config_lib.base_config()
     assert config.concept.family == "" and config_lib.concept_family(config) == "world"
+    assert config_lib.EMBEDDED_CONCEPT_IMAGES == tiny.embedded_assets().concept_images
 
 
 def test_unknown_family_is_rejected_naming_the_key():

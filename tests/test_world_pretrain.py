@@ -101,7 +101,8 @@ def test_every_stage_runs_and_writes_a_loadable_model(tmp_path):
                    "--unet", "steps=2,batch_size=4"])
     summary = json.loads((workdir / "summary.json").read_text())
     assert set(summary) == {"vae", "text", "unet", "captions"}
-    assert summary["unet"]["steps"] == 2 and 0 <= summary["unet"]["check_prompt_fidelity"] <= 1
+    assert summary["unet"]["steps"] == summary["unet"]["total_steps"] == 2
+    assert 0 <= summary["unet"]["check_prompt_fidelity"] <= 1
     for stage in ("vae", "text", "unet"):
         rows = [json.loads(line) for line in (workdir / stage / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
@@ -116,3 +117,13 @@ def test_unknown_stage_and_option_are_refused(tmp_path):
         pretrain.main(["--workdir", str(tmp_path), "--stages", "vae,clip"])
     with pytest.raises(SystemExit, match="unknown option 'step'"):
         pretrain.main(["--workdir", str(tmp_path), "--stages", "vae", "--vae", "step=3"])
+
+
+def test_a_stage_run_again_keeps_the_earlier_logs(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "metrics.jsonl").write_text('{"step": 1}\n')
+    folder = pretrain._fresh_log_folder(str(tmp_path), "unet")
+    assert os.listdir(folder) == [] and (tmp_path / "unet.1" / "metrics.jsonl").is_file()
+    (tmp_path / "unet" / "metrics.jsonl").write_text('{"step": 1}\n')
+    pretrain._fresh_log_folder(str(tmp_path), "unet")
+    assert sorted(os.listdir(tmp_path)) == ["unet", "unet.1", "unet.2"]

@@ -20,7 +20,8 @@ The contextualizer needs only the text encoder, so on a 2-core machine it can pr
 ``unet`` stage runs (each uses about one core).
 
 Each stage logs into ``<workdir>/<stage>/`` (progress bar, ``metrics.jsonl``, ``loss_curve.png``) and
-adds its numbers to ``<workdir>/summary.json``. ``--export`` writes the embedded default: the model in
+adds its numbers to ``<workdir>/summary.json``. A stage run again starts from the weights the workdir
+holds: ``--stages unet`` a second time trains the UNet further (``summary.json`` counts its total steps). ``--export`` writes the embedded default: the model in
 float16 without its tokenizer (the vendored CLIP vocabulary stands in), the contextualizer from
 ``<workdir>/ctx/contextualizer``, the concept's photos and the class pictures.
 """
@@ -69,10 +70,21 @@ class Plan:
         return os.path.join(self.workdir, "model")
 
 
+def _fresh_log_folder(workdir: str, stage: str) -> str:
+    """``<workdir>/<stage>``, empty: an earlier run's logs move to ``<stage>.1``, ``<stage>.2``, ..."""
+    folder = os.path.join(workdir, stage)
+    if os.path.isdir(folder) and os.listdir(folder):
+        earlier = 1
+        while os.path.exists(f"{folder}.{earlier}"):
+            earlier += 1
+        os.replace(folder, f"{folder}.{earlier}")
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
 def _run_loop(workdir: str, stage: str, seed: int):
     def run(step_fn, state, batches, steps):
-        folder = os.path.join(workdir, stage)
-        os.makedirs(folder, exist_ok=True)
+        folder = _fresh_log_folder(workdir, stage)
         return loop.train_loop(step_fn, state, batches, jax.random.key(seed), max_steps=steps, workdir=folder,
                                log_every=max(1, min(50, steps // 10)), description=stage).state
     return run
@@ -88,10 +100,15 @@ def _save_model(plan: Plan, model: pretrained_lib.Pretrained) -> None:
     pretrained_lib.save_pretrained(plan.model_dir, model, overwrite=True)
 
 
-def _record(plan: Plan, stage: str, numbers: dict) -> None:
+def _recorded(plan: Plan) -> dict:
     path = os.path.join(plan.workdir, "summary.json")
-    summary = files.read_json_object(path) if os.path.isfile(path) else {}
+    return files.read_json_object(path) if os.path.isfile(path) else {}
+
+
+def _record(plan: Plan, stage: str, numbers: dict) -> None:
+    summary = _recorded(plan)
     summary[stage] = numbers
+    path = os.path.join(plan.workdir, "summary.json")
     files.write_json_atomic(path, summary)
     print(f"{stage}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in numbers.items()))
 
@@ -122,7 +139,10 @@ def _unet_stage(plan: Plan, model, corpus, held_out):
     moments = pretrain_vae.latent_moments(model.vae, model.params["vae"], corpus.images)
     params = pretrain_unet.train(model, corpus, moments, plan.unet, _run_loop(plan.workdir, "unet", plan.unet.seed))
     model = dataclasses.replace(model, params={**model.params, **params})
-    return model, {"steps": plan.unet.steps, "batch_size": plan.unet.batch_size, **check(plan, model)}
+    # A rerun of this stage continues from the UNet in the workdir: count every step it has had.
+    total = _recorded(plan).get("unet", {}).get("total_steps", 0) + plan.unet.steps
+    return model, {"steps": plan.unet.steps, "total_steps": total, "batch_size": plan.unet.batch_size,
+                   "learning_rate": plan.unet.learning_rate, **check(plan, model)}
 
 
 def check(plan: Plan, model) -> dict:
@@ -133,7 +153,8 @@ def check(plan: Plan, model) -> dict:
     sampling.save_grid(scored.images, plan.workdir, columns=8, name="check.png")
     files.write_text_atomic(os.path.join(plan.workdir, "check_prompts.txt"), "\n".join(prompts) + "\n")
     names = ["prompt_fidelity", "match/object", "match/color", "match/background", "match/wearing", "match/style"]
-    return {f"check_{name.replace('match/', '')}": scored.mean(name) for name in names}
+    means = {f"check_{name.replace('match/', '')}": scored.mean(name) for name in names}
+    return {name: value for name, value in means.items() if value is not None}
 
 
 def run(plan: Plan, stages: Sequence[str]) -> None:

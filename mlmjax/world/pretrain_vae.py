@@ -23,9 +23,9 @@ from mlmjax.world.corpus import Corpus
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    steps: int = 1500
-    batch_size: int = 64
-    learning_rate: float = 1e-3
+    steps: int = 700
+    batch_size: int = 48
+    learning_rate: float = 2e-3
     kl_weight: float = 1e-3
     seed: int = 0
 

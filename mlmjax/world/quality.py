@@ -57,8 +57,10 @@ class Scored:
     images: np.ndarray
     scores: dict[str, np.ndarray]  # per image, see Evaluator.score
 
-    def mean(self, name: str) -> float:
-        return float(np.nanmean(self.scores[name]))
+    def mean(self, name: str) -> float | None:
+        """The mean over the images whose prompt asked for `name`; None if none did."""
+        values = self.scores[name][~np.isnan(self.scores[name])]
+        return float(values.mean()) if values.size else None
 
 
 def generate_and_score(model: Pretrained, evaluator: Evaluator, prompts: list[str], asked: list[Scene],
