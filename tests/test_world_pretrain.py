@@ -35,6 +35,16 @@ def test_training_captions_are_seeded_and_vary_in_detail():
         assert parsed.background == scene.background
 
 
+def test_stream_is_batch_indices_step_by_step():
+    corpus = corpus_lib.build(16, seed=3)
+    stream = corpus.stream(5, 4, lambda indices, step: {"indices": indices, "step": step})
+    for step in range(3):
+        batch = next(stream)
+        assert batch["step"] == step
+        np.testing.assert_array_equal(batch["indices"], corpus.batch_indices(5, step, 4))
+    np.testing.assert_array_equal(corpus_lib.to_unit_range(np.array([0, 255], np.uint8)), [-1.0, 1.0])
+
+
 def test_said_drops_attributes_with_their_fields():
     scene = scene_lib.Scene(object="cat", color="red", background="snow", wearing="hat", wearing_color="blue",
                             relation="next to", second_object="cup", second_color="green", style="dots")
@@ -110,6 +120,15 @@ def test_every_stage_runs_and_writes_a_loadable_model(tmp_path):
     assert model.vae.config.scaling_factor == pytest.approx(summary["vae"]["scaling_factor"])
     assert os.path.isfile(workdir / "check.png")
     assert len((workdir / "captions.txt").read_text().splitlines()) == 20
+
+
+def test_export_without_a_contextualizer_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(["--workdir", str(tmp_path / "world"), "--export", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and "ctx/contextualizer: pretrain the contextualizer first" in message
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_stage_and_option_are_refused(tmp_path):

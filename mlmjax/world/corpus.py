@@ -17,8 +17,9 @@ paraphrases, framings and levels of detail:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -68,6 +69,11 @@ def training_caption(scene: Scene, rng: np.random.Generator, *, drop_prob: float
     return template.format(_without_article(text)) if frame else text
 
 
+def to_unit_range(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> float32 in [-1, 1], the range the VAE and the image tower read."""
+    return images.astype(np.float32) / 127.5 - 1.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Corpus:
     scenes: tuple[Scene, ...]
@@ -79,6 +85,11 @@ class Corpus:
     def batch_indices(self, seed: int, step: int, batch_size: int) -> np.ndarray:
         """The examples of step `step`: uniform with replacement, a function of (seed, step) alone."""
         return np.random.default_rng([seed, step]).integers(0, len(self), batch_size)
+
+    def stream(self, seed: int, batch_size: int, make: Callable[[np.ndarray, int], dict]) -> Iterator[dict]:
+        """Endless batches ``make(indices, step)`` for steps 0, 1, ... with `batch_indices`' examples."""
+        for step in itertools.count():
+            yield make(self.batch_indices(seed, step, batch_size), step)
 
     def captions(self, indices: Sequence[int], seed: int, step: int, **caption_options) -> list[str]:
         """Captions of the scenes at `indices`, drawn from (seed, step) alone (see `training_caption`)."""

@@ -21,9 +21,10 @@ The contextualizer needs only the text encoder, so on a 2-core machine it can pr
 
 Each stage logs into ``<workdir>/<stage>/`` (progress bar, ``metrics.jsonl``, ``loss_curve.png``) and
 adds its numbers to ``<workdir>/summary.json``. A stage run again starts from the weights the workdir
-holds: ``--stages unet`` a second time trains the UNet further (``summary.json`` counts its total steps). ``--export`` writes the embedded default: the model in
-float16 without its tokenizer (the vendored CLIP vocabulary stands in), the contextualizer from
-``<workdir>/ctx/contextualizer``, the concept's photos and the class pictures.
+holds: ``--stages unet`` a second time trains the UNet further (``summary.json`` counts its total
+steps). ``--export`` writes the embedded default: the model in float16 without its tokenizer (the
+vendored CLIP vocabulary stands in), the contextualizer from ``<workdir>/ctx/contextualizer``, the
+concept's photos and the class pictures.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import numpy as np
 from mlmjax import files
 from mlmjax import loop
 from mlmjax import pretrained as pretrained_lib
+from mlmjax import runtime
 from mlmjax import sampling
 from mlmjax import tiny
 from mlmjax.world import corpus as corpus_lib
@@ -230,10 +232,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     plan = Plan(os.path.abspath(args.workdir), args.corpus_size, args.captions, args.check_prompts,
                 _options(pretrain_vae.Options, args.vae), _options(pretrain_text.Options, args.text),
                 _options(pretrain_unet.Options, args.unet))
-    if args.export:
-        export(plan, args.export)
-    else:
-        run(plan, stages)
+    try:
+        if args.export:
+            export(plan, args.export)
+        else:
+            run(plan, stages)
+    except (OSError, ValueError) as error:  # a missing stage output, an unreadable model folder
+        runtime.fail(str(error))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import optax
 from mlmjax import tokenizer as tokenizer_lib
 from mlmjax.models.clip_text import CLIPTextModel
 from mlmjax.world import fitting
-from mlmjax.world.corpus import Corpus
+from mlmjax.world.corpus import Corpus, to_unit_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +71,10 @@ def contrastive_loss(image: jax.Array, text: jax.Array, log_scale: jax.Array) ->
 
 
 def batches(corpus: Corpus, tokenizer, options: Options) -> Iterator[dict]:
-    step = 0
-    while True:
-        indices = corpus.batch_indices(options.seed, step, options.batch_size)
+    def make(indices: np.ndarray, step: int) -> dict:
         texts = corpus.captions(indices, options.seed, step, drop_prob=0.0, empty_prob=0.0)
-        yield {"images": corpus.images[indices].astype(np.float32) / 127.5 - 1.0,
-               "input_ids": tokenizer_lib.tokenize(tokenizer, texts)}
-        step += 1
+        return {"images": to_unit_range(corpus.images[indices]), "input_ids": tokenizer_lib.tokenize(tokenizer, texts)}
+    return corpus.stream(options.seed, options.batch_size, make)
 
 
 def train(text_encoder: CLIPTextModel, text_params: dict, tokenizer, corpus: Corpus, held_out: Corpus,

@@ -40,13 +40,11 @@ class Options:
 
 def batches(corpus: Corpus, moments: tuple[np.ndarray, np.ndarray], tokenizer, options: Options) -> Iterator[dict]:
     mean, logvar = moments
-    step = 0
-    while True:
-        indices = corpus.batch_indices(options.seed, step, options.batch_size)
-        texts = corpus.captions(indices, options.seed, step)
-        yield {"latent_mean": mean[indices], "latent_logvar": logvar[indices],
-               "input_ids": tokenizer_lib.tokenize(tokenizer, texts)}
-        step += 1
+
+    def make(indices: np.ndarray, step: int) -> dict:
+        return {"latent_mean": mean[indices], "latent_logvar": logvar[indices],
+                "input_ids": tokenizer_lib.tokenize(tokenizer, corpus.captions(indices, options.seed, step))}
+    return corpus.stream(options.seed, options.batch_size, make)
 
 
 def train(model: Pretrained, corpus: Corpus, moments: tuple[np.ndarray, np.ndarray], options: Options,

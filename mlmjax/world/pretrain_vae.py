@@ -10,15 +10,13 @@ samples over the corpus, so the UNet sees unit-variance latents.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mlmjax.models.vae import AutoencoderKL
 from mlmjax.world import fitting
-from mlmjax.world.corpus import Corpus
+from mlmjax.world.corpus import Corpus, to_unit_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,11 +26,6 @@ class Options:
     learning_rate: float = 2e-3
     kl_weight: float = 1e-3
     seed: int = 0
-
-
-def to_unit_range(images: np.ndarray) -> np.ndarray:
-    """uint8 [N, H, W, 3] -> float32 in [-1, 1], the VAE's input range."""
-    return images.astype(np.float32) / 127.5 - 1.0
 
 
 def loss_fn(params: dict, vae: AutoencoderKL, images: jax.Array, rng: jax.Array, kl_weight: float):
@@ -45,19 +38,13 @@ def loss_fn(params: dict, vae: AutoencoderKL, images: jax.Array, rng: jax.Array,
     return reconstruction + kl_weight * kl, {"loss_reconstruction": reconstruction, "loss_kl": kl}
 
 
-def batches(corpus: Corpus, options: Options) -> Iterator[dict]:
-    step = 0
-    while True:
-        yield {"images": to_unit_range(corpus.images[corpus.batch_indices(options.seed, step, options.batch_size)])}
-        step += 1
-
-
 def train(vae: AutoencoderKL, params: dict, corpus: Corpus, options: Options, run_loop: fitting.RunLoop) -> dict:
     """The trained parameters; `run_loop(step_fn, state, batches, steps)` runs the steps."""
     def loss(p, batch, rng):
         return loss_fn(p, vae, batch["images"], rng, options.kl_weight)
-    return fitting.fit(loss, params, fitting.Schedule(options.steps, options.learning_rate),
-                       batches(corpus, options), run_loop)
+    batches = corpus.stream(options.seed, options.batch_size,
+                            lambda indices, step: {"images": to_unit_range(corpus.images[indices])})
+    return fitting.fit(loss, params, fitting.Schedule(options.steps, options.learning_rate), batches, run_loop)
 
 
 def latent_moments(vae: AutoencoderKL, params: dict, images: np.ndarray, batch_size: int = 256
