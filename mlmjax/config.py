@@ -7,6 +7,7 @@ that does not exist is an error, as is a value of the wrong type.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import ml_collections
@@ -16,6 +17,8 @@ from mlmjax.prompts.prompt_set import ALL_FAMILIES
 # The embedded default's concept photos (``mlmjax.tiny.embedded_assets().concept_images``), named here
 # so that reading a config needs no model code.
 EMBEDDED_CONCEPT_IMAGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny", "concept")
+# The repository's configs/ folder: files of the repository, not of the package.
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 METHODS = ("ti", "xti", "dreambooth", "custom_diffusion")
 
@@ -93,6 +96,17 @@ def base_config() -> ml_collections.ConfigDict:
     # A tuple, so the command line can set it: --config.sample_prompts="('a {} in the snow',)"; () for none.
     c.sample_prompts = ("a photo of a {} on the beach", "a {} wearing a red hat", "a {} in the snow")
     return c
+
+
+def load_method_config(method: str, configs_dir: str = CONFIGS_DIR) -> ml_collections.ConfigDict:
+    """``configs/<method>.py``'s ``get_config()``."""
+    path = os.path.join(configs_dir, f"{method}.py")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such config; give a method of configs/ (a folder of the repository, not of the installed package)")
+    spec = importlib.util.spec_from_file_location(f"mlmjax_method_config_{method}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

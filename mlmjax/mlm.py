@@ -168,7 +168,7 @@ def gather_masked(features: jax.Array, mask: jax.Array, max_masked: int) -> tupl
 # the projection runs in vocabulary chunks that stay in cache, folding each into a running max and
 # sum (the log-sum-exp of "online softmax"); the backward pass recomputes each chunk's logits instead
 # of storing them. A loop, not an unrolled chain, keeps one chunk live at a time; XLA's cost analysis
-# counts a loop body once, so FLOP counts come from ``chunk=None`` (see mlmjax.bench).
+# counts a loop body once, so FLOP counts come from ``chunk=None`` (see mlmjax.bench_cases).
 DEFAULT_VOCAB_CHUNK = 4096  # 13 chunks of CLIP's vocabulary; 2048 and 8192 were slower on a 2-core CPU
 
 

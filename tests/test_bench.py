@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from mlmjax import bench
+from mlmjax import bench_report
 
 NUMBERS = ("median_ms", "min_ms", "max_ms", "q1_ms", "q3_ms", "examples_per_s", "flops", "achieved_flops_per_s",
            "peak_fraction", "peak_memory_bytes", "peak_rss_bytes")
@@ -40,7 +40,7 @@ def test_rows_have_positive_finite_fields(tiny_result):
     assert {(r["framework"], r["mlm"]) for r in rows} == {(f, m) for f in ("jax", "torch") for m in (True, False)}
     for row in rows:
         assert not row.get("error"), row
-        for field in bench.ROW_FIELDS:
+        for field in bench_report.ROW_FIELDS:
             assert field in row, (field, row)
         for field in NUMBERS:
             assert _positive(row[field]), (field, row)
@@ -85,20 +85,21 @@ def test_pytorch_reference_is_the_same_step(tiny_result):
 def test_markdown_renders(tiny_result):
     result, stdout = tiny_result
     assert "| tiny | ti | on | jax |" in stdout and "| tiny | ti | off | torch |" in stdout
-    assert bench.markdown(result) in stdout
+    assert bench_report.markdown(result) in stdout
     assert "GFLOP/s" in stdout and result["machine"]["cpu"] in stdout
 
 
 def test_markdown_shows_failures_and_sharded_rows():
     machine = {"cpu": "test cpu", "cores": 2, "load_average": [1.0, 1.0, 1.0], "load_average_end": [2.0, 2.0, 2.0],
                "versions": {"jax": "0"}, "xla_flags": "", "date": "today"}
-    row = {field: None for field in bench.ROW_FIELDS}
+    row = {field: None for field in bench_report.ROW_FIELDS}
     row.update(method="ti", mlm=True, size="sd15", framework="torch", error="killed (out of memory?)")
     sharded = {"method": "dreambooth", "mlm": False, "devices": 8, "compute_dtype": "bfloat16", "batch": 8, "prior_batch": 8,
                "peak_bytes_per_device": 12 * 2**30, "memory_per_device": {"argument": 2**30, "temp": 2**31},
                "compile_s": 100.0}
-    text = bench.markdown({"machine": machine, "matmul_peak": {"jax": {"flops_per_s": 5e10}, "flops_per_s": 5e10},
-                           "rows": [row], "mlm": [], "sharded_memory": [sharded]})
+    text = bench_report.markdown({"machine": machine,
+                                  "matmul_peak": {"jax": {"flops_per_s": 5e10}, "flops_per_s": 5e10},
+                                  "rows": [row], "mlm": [], "sharded_memory": [sharded]})
     assert "failed: killed (out of memory?)" in text
     assert "| dreambooth | off | bfloat16 | fsdp=8 | 8 (+8) | 12.00 |" in text
     assert "jax 50.0 GFLOP/s" in text

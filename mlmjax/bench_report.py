@@ -1,0 +1,181 @@
+"""Turns the benchmark's measured rows into its report: summary statistics, JAX/PyTorch ratios, MLM's
+cost, and the README-ready Markdown tables of ``python -m mlmjax.bench``."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from mlmjax import bench_cases
+
+FRAMEWORKS = ("jax", "torch")
+ROW_FIELDS = ("method", "mlm", "size", "framework", "compute_dtype", "batch", "prior_batch", "mlm_batch",
+              "examples_per_step", "median_ms", "min_ms", "max_ms", "q1_ms", "q3_ms", "examples_per_s",
+              "flops", "achieved_flops_per_s", "peak_fraction", "peak_memory_bytes", "peak_rss_bytes")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rows
+
+
+def _summary(times: list[float]) -> dict[str, float]:
+    ms = sorted(1000 * t for t in times)
+    q = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else [ms[0]] * 3
+    return {"median_ms": statistics.median(ms), "min_ms": ms[0], "max_ms": ms[-1], "q1_ms": q[0], "q3_ms": q[2]}
+
+
+def finish_row(row: dict, base: dict, peak: float | None, jax_row: dict | None) -> dict:
+    """A worker's row completed: the configuration ``base``, time statistics, examples/s, FLOP/s and the
+    fraction of the matmul ``peak``, every ``ROW_FIELDS`` key; a PyTorch row takes ``jax_row``'s FLOPs."""
+    row = {**base, **row}
+    if row["framework"] == "torch":
+        for key in ("batch", "prior_batch", "mlm_batch"):
+            row.setdefault(key, (jax_row or {}).get(key))
+    if "times_s" in row:
+        row.update(_summary(row["times_s"]))
+        if row.get("batch") is not None:
+            row["examples_per_step"] = row["batch"] + row["prior_batch"]
+            row["examples_per_s"] = row["examples_per_step"] / (row["median_ms"] / 1000)
+    if row["framework"] == "torch":
+        row["flops"] = (jax_row or {}).get("flops")
+        row["flops_source"] = "jax cost analysis of the same step"
+        row["peak_memory_bytes"] = row.get("peak_rss_bytes")
+        row["peak_memory_source"] = "peak RSS of the subprocess"
+    elif row.get("flops") is not None:
+        row["flops_source"] = "XLA cost analysis (compiled)"
+        row["peak_memory_source"] = "compiled memory analysis (argument + output + temp - alias)"
+    if row.get("flops") and row.get("median_ms"):
+        row["achieved_flops_per_s"] = row["flops"] / (row["median_ms"] / 1000)
+        row["peak_fraction"] = row["achieved_flops_per_s"] / peak if peak else None
+    for key in ROW_FIELDS:
+        row.setdefault(key, None)
+    return row
+
+
+def compare(jax_row: dict, torch_row: dict) -> None:
+    """JAX/PyTorch ratios, written into the JAX row; and at the tiny size, the loss agreement."""
+    if jax_row.get("median_ms") and torch_row.get("median_ms"):
+        jax_row["time_ratio_jax_over_torch"] = jax_row["median_ms"] / torch_row["median_ms"]
+        jax_row["speedup_over_torch"] = torch_row["median_ms"] / jax_row["median_ms"]
+    if jax_row.get("peak_memory_bytes") and torch_row.get("peak_rss_bytes"):
+        jax_row["memory_ratio_jax_over_torch"] = jax_row["peak_memory_bytes"] / torch_row["peak_rss_bytes"]
+        jax_row["rss_ratio_jax_over_torch"] = jax_row["peak_rss_bytes"] / torch_row["peak_rss_bytes"]
+    if jax_row.get("trainable_params") is not None and torch_row.get("trainable_params") is not None:
+        jax_row["trainable_params_match"] = jax_row["trainable_params"] == torch_row["trainable_params"]
+    if jax_row.get("first_loss") and torch_row.get("first_loss") and jax_row["size"] == "tiny":
+        # The largest relative difference over the loss and its parts (diffusion, prior, MLM).
+        error = max(abs(value - torch_row["first_loss"][name]) / max(abs(torch_row["first_loss"][name]), 1e-30)
+                    for name, value in jax_row["first_loss"].items())
+        jax_row["loss_rel_error"] = torch_row["loss_rel_error"] = error
+
+
+def mlm_rows(rows: list[dict]) -> list[dict]:
+    """MLM's extra step time and extra FLOPs, per method and framework (rows with MLM on and off)."""
+    out = []
+    index = {(r["method"], r["mlm"], r["framework"], r["size"]): r for r in rows if r.get("median_ms")}
+    for (method, mlm, framework, size), on in index.items():
+        off = index.get((method, False, framework, size))
+        if not mlm or off is None:
+            continue
+        entry = {"method": method, "size": size, "framework": framework, "mlm_batch": on.get("mlm_batch"),
+                 "extra_time": on["median_ms"] / off["median_ms"] - 1}
+        jax_on = index.get((method, True, "jax", size), on)
+        jax_off = index.get((method, False, "jax", size), off)
+        if jax_on.get("flops") and jax_off.get("flops"):
+            masked = jax_on["flops"] - jax_off["flops"]
+            entry.update(mlm_flops_masked=masked, extra_flops=masked / jax_off["flops"],
+                         flops_share=masked / jax_on["flops"],
+                         time_share=(on["median_ms"] - off["median_ms"]) / on["median_ms"])
+            lowered_all, lowered_masked = jax_on.get("flops_lowered_all_positions"), jax_on.get("flops_lowered_masked")
+            if lowered_all and lowered_masked:
+                everywhere = masked + lowered_all - lowered_masked
+                entry.update(mlm_flops_all_positions=everywhere, extra_flops_all_positions=everywhere / jax_off["flops"],
+                             mlm_positions_masked=jax_on.get("mlm_positions_masked"),
+                             mlm_positions_all=jax_on.get("mlm_positions_all"),
+                             projection_flops_masked=jax_on.get("projection_flops_masked"),
+                             projection_flops_all_positions=jax_on.get("projection_flops_all_positions"))
+        out.append(entry)
+    return out
+
+
+def progress(row: dict) -> str:
+    """A row as one progress line."""
+    name = f"{row['size']} {row['method']} mlm={'on' if row['mlm'] else 'off'} {row['framework']}"
+    if row.get("error"):
+        return f"{name}: failed: {row['error']}"
+    return f"{name}: {row['median_ms']:.1f} ms/step" + (f", loss {row['first_loss']['loss']:.6g}"
+                                                         if row.get("first_loss") else "")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def fmt(value, spec: str = ".3g", scale: float = 1.0, missing: str = "–") -> str:
+    """``value / scale`` formatted with ``spec``; ``missing`` for None or a non-finite float."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return missing
+    return format(value / scale, spec)
+
+
+def markdown(result: dict) -> str:
+    """README-ready tables: the machine, the step rows, MLM's cost, the sharded memory."""
+    m = result["machine"]
+    peak = result["matmul_peak"]
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, load average {m['load_average'][0]:.1f} at start, "
+             f"{m.get('load_average_end', [float('nan')])[0]:.1f} at end; {versions}; "
+             f"XLA_FLAGS={m['xla_flags'] or '(none)'}; {m['date']}."]
+    peaks = [f"{fw} {fmt(peak[fw]['flops_per_s'], '.1f', 1e9)} GFLOP/s" for fw in FRAMEWORKS if peak.get(fw)]
+    threads = sorted({r["threads"] for r in result["rows"] if r.get("threads")})
+    if peaks:
+        lines.append(f"Float32 {bench_cases.MATMUL_SIZE}² matmul peak: {', '.join(peaks)}."
+                     + (f" PyTorch intra-op threads: {', '.join(map(str, threads))}." if threads else ""))
+    lines.append("")
+    if result["rows"]:
+        lines += ["| size | method | MLM | framework | batch (+prior, MLM) | step ms median [IQR] | examples/s | "
+                  "compile s | GFLOP/step | GFLOP/s (% peak) | peak memory GB | RSS GB | JAX/PyTorch time | first loss |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in result["rows"]:
+            head = f"| {r['size']} | {r['method']} | {'on' if r['mlm'] else 'off'} | {r['framework']} |"
+            if r.get("error"):
+                compiled = (f" (compiled: {fmt(r.get('compile_s'), '.0f')} s, {fmt(r.get('flops'), '.3g', 1e9)} "
+                            f"GFLOP/step, peak {fmt(r.get('peak_memory_bytes'), '.2f', 1e9)} GB)"
+                            if r.get("peak_memory_bytes") else "")
+                lines.append(f"{head} failed: {r['error']}{compiled} |||||||||")
+                continue
+            batch = f"{r['batch']}" + (f" (+{r['prior_batch']}" if r['prior_batch'] else " (+0") + \
+                f", {r['mlm_batch']})"
+            fraction = r.get("peak_fraction")
+            loss = r.get("first_loss", {}).get("loss")
+            loss_text = fmt(loss, ".5g") + (f" (Δ {r['loss_rel_error']:.1e})" if r.get("loss_rel_error") is not None
+                                             else "")
+            lines.append(
+                f"{head} {batch} | {r['median_ms']:.1f} [{r['q1_ms']:.1f}–{r['q3_ms']:.1f}] | "
+                f"{fmt(r['examples_per_s'])} | {fmt(r.get('compile_s'), '.1f')} | {fmt(r['flops'], '.3g', 1e9)} | "
+                f"{fmt(r['achieved_flops_per_s'], '.1f', 1e9)} ({fmt(fraction, '.0%')}) | "
+                f"{fmt(r['peak_memory_bytes'], '.2f', 1e9)} | {fmt(r['peak_rss_bytes'], '.2f', 1e9)} | "
+                f"{fmt(r.get('time_ratio_jax_over_torch'), '.2f')} | {loss_text} |")
+    if result["mlm"]:
+        lines += ["", "| size | method | framework | MLM batch | extra step time | extra FLOPs (masked only) | "
+                  "extra FLOPs (every position) | MLM share of time / of FLOPs |", "|---|---|---|---|---|---|---|---|"]
+        for e in result["mlm"]:
+            lines.append(f"| {e['size']} | {e['method']} | {e['framework']} | {e['mlm_batch']} | "
+                         f"{e['extra_time']:+.1%} | {fmt(e.get('extra_flops'), '+.1%')} | "
+                         f"{fmt(e.get('extra_flops_all_positions'), '+.1%')} | "
+                         f"{fmt(e.get('time_share'), '.1%')} / {fmt(e.get('flops_share'), '.1%')} |")
+    if result["sharded_memory"]:
+        lines += ["", "| compiled only (SD 1.5 shapes, no weights) | MLM | compute | mesh | batch (+prior) per step | "
+                  "peak GiB per device | args / temp GiB | GFLOP/step | compile s |", "|---|---|---|---|---|---|---|---|---|"]
+        for s in result["sharded_memory"]:
+            dtype = f"{s.get('compute_dtype')}{' + remat' if s.get('remat') else ''}"
+            head = f"| {s['method']} | {'on' if s['mlm'] else 'off'} | {dtype} | fsdp={s.get('devices')} |"
+            if s.get("error"):
+                lines.append(f"{head} failed: {s['error']} |||||")
+                continue
+            mem = s["memory_per_device"] or {}
+            lines.append(f"{head} {s['batch']} (+{s['prior_batch']}) | {fmt(s['peak_bytes_per_device'], '.2f', 2**30)} | "
+                         f"{fmt(mem.get('argument'), '.2f', 2**30)} / {fmt(mem.get('temp'), '.2f', 2**30)} | "
+                         f"{fmt(s.get('flops'), '.4g', 1e9)} | {s['compile_s']:.0f} |")
+    return "\n".join(lines)
+
