@@ -14,7 +14,8 @@ from mlmjax.world.captions import eval_prompts
 
 MAX_PROMPTS = 3
 ARGS = ["--methods", "ti", "--seeds", "0", "--steps", "2", "--images_per_prompt", "1",
-        "--max_prompts", str(MAX_PROMPTS), "--grid_prompts", "2"]
+        "--max_prompts", str(MAX_PROMPTS), "--grid_prompts", "2", "--set", "ti.learning_rate=0.001",
+        "--set", "ti.mlm.batch_size=5"]
 RUNS = ("ti-mlm_off-s0", "ti-mlm_on-s0")
 
 
@@ -53,6 +54,7 @@ def test_table_has_the_rows_asked_for_with_numbers_in_unit_interval(smoke):
         results = json.load(f)
     assert [(row["method"], row["mlm"], row["seeds"]) for row in results["rows"]] == [("ti", "off", 1), ("ti", "on", 1)]
     assert results["rows"][0]["mlm_weight"] == [0.0] and results["rows"][1]["mlm_weight"][0] > 0
+    assert [row["learning_rate"] for row in results["rows"]] == [[0.001], [0.001]]  # --set, not the config's 2e-3
     for row in results["rows"]:
         for part in ("heldout", "training_context"):
             for name, stat in row[part].items():
@@ -60,6 +62,9 @@ def test_table_has_the_rows_asked_for_with_numbers_in_unit_interval(smoke):
     for run in RUNS:
         with open(_run_file(workdir, run, experiment.SCORES_FILE)) as f:
             scores = json.load(f)
+        assert scores["overrides"] == {"learning_rate": 0.001, "mlm.batch_size": 5}
+        with open(_run_file(workdir, run, "config.json")) as f:
+            assert json.load(f)["mlm"]["batch_size"] == 5  # a nested field reaches the trained run
         assert len(scores["prompts"]) == MAX_PROMPTS + 1  # + the training context, last
         assert scores["prompts"][-1]["text"] == "<concept> teapot on the kitchen table"
         assert all(0 <= v <= 1 for p in scores["prompts"] for name in experiment_scores.SUMMARY_METRICS
@@ -104,6 +109,11 @@ def test_max_prompts_spreads_over_caption_types():
     (["--steps", "-3"], "--steps=-3"),
     (["--images_per_prompt", "0"], "--images_per_prompt=0"),
     (["--mlm", "maybe"], "--mlm=maybe"),
+    (["--set", "ti.learning_rate"], "--set ti.learning_rate: write METHOD.KEY=VALUE"),
+    (["--methods", "ti", "--set", "xti.learning_rate=1e-3"], "'xti' is not one of --methods (ti)"),
+    (["--set", "ti.learning_rat=1e-3"], "'learning_rat' is not a field of the config"),
+    (["--set", "ti.learning_rate=fast"], "--set ti"),
+    (["--set", "ti.mlm.weight=1e-3"], "the experiment sets mlm.weight itself; use --mlm_weight"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -112,3 +122,13 @@ def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, message):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_scored_run_asked_with_another_set_is_refused(smoke, capsys):
+    workdir, _ = smoke
+    changed = [a if a != "ti.learning_rate=0.001" else "ti.learning_rate=0.002" for a in ARGS]
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.main(["--workdir", workdir] + changed)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "was scored with other learning_rate and overrides than asked now" in err and err.count("\n") == 1

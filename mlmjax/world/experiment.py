@@ -2,11 +2,13 @@ r"""The world experiment: does MLM help each baseline keep the asked context on 
 
     python -m mlmjax.world.experiment --workdir /tmp/world-exp
     python -m mlmjax.world.experiment --workdir /tmp/world-exp --methods ti,xti --seeds 0,1,2 --steps 500 \
-        --images_per_prompt 4 --mlm_weight 1e-3
+        --images_per_prompt 4 --mlm_weight 1e-3 --set dreambooth.learning_rate=1e-4
 
 For every (method, MLM off/on, seed) it trains one customization of the embedded default model
 (``mlmjax.train.train``; MLM off: ``mlm.weight = 0``, on: the method config's λ or ``--mlm_weight``; the
-seed goes into ``config.seed``) in ``DIR/runs/<method>-mlm_<off|on>-s<seed>``, then samples
+seed goes into ``config.seed``; ``--set METHOD.KEY=VALUE`` changes one field of one method's config, e.g.
+a learning rate sized for the tiny model rather than Stable Diffusion) in
+``DIR/runs/<method>-mlm_<off|on>-s<seed>``, then samples
 ``--images_per_prompt`` images for each held-out world prompt (``captions.eval_prompts``, filled with the
 run's concept phrase) plus the concept photos' own context ("{} on the kitchen table", a sanity check
 that the concept was learned), and scores every image with the world evaluator against the scene the
@@ -22,11 +24,12 @@ are ``experiment_scores``'.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, NoReturn, Sequence
+from typing import TYPE_CHECKING, Mapping, NoReturn, Sequence
 
 import ml_collections
 
@@ -58,6 +61,9 @@ class Options:
     sampler_steps: int = quality.NUM_STEPS  # the world model's own sampler (DDIM)
     guidance: float = quality.GUIDANCE_SCALE
     grid_prompts: int = 4
+    # Per-method config changes, e.g. {"dreambooth": {"learning_rate": 1e-4}}; dotted keys reach
+    # nested fields ("prior.weight").
+    overrides: Mapping[str, Mapping[str, object]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +111,9 @@ def parse_args(argv: Sequence[str]) -> Options:
     parser.add_argument("--sampler_steps", type=int, default=Options.sampler_steps, help="DDIM steps per image")
     parser.add_argument("--guidance", type=float, default=Options.guidance, help="classifier-free guidance scale")
     parser.add_argument("--grid_prompts", type=int, default=Options.grid_prompts, help="prompts shown in the grids")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="change one config field of one method's runs, e.g. dreambooth.learning_rate=1e-4 "
+                             "(repeatable)")
     args = parser.parse_args(argv)
     methods = tuple(_split(args.methods))
     unknown = [m for m in methods if m not in config_lib.METHODS]
@@ -126,10 +135,40 @@ def parse_args(argv: Sequence[str]) -> Options:
         runtime.fail(f"--max_prompts={args.max_prompts}: must be 0 (all) or a positive integer")
     if args.mlm_weight is not None and not args.mlm_weight > 0:
         runtime.fail(f"--mlm_weight={args.mlm_weight}: must be positive (the MLM-off runs already use 0)")
-    return Options(workdir=args.workdir, methods=methods, seeds=seeds, mlm=mlm, steps=args.steps,
-                   images_per_prompt=args.images_per_prompt, mlm_weight=args.mlm_weight,
-                   max_prompts=args.max_prompts, prior_images=args.prior_images, sampler_steps=args.sampler_steps,
-                   guidance=args.guidance, grid_prompts=args.grid_prompts)
+    options = Options(workdir=args.workdir, methods=methods, seeds=seeds, mlm=mlm, steps=args.steps,
+                      images_per_prompt=args.images_per_prompt, mlm_weight=args.mlm_weight,
+                      max_prompts=args.max_prompts, prior_images=args.prior_images,
+                      sampler_steps=args.sampler_steps, guidance=args.guidance, grid_prompts=args.grid_prompts,
+                      overrides=_parse_overrides(args.set, methods))
+    for spec in run_specs(options):  # a key the config lacks or a value of the wrong type fails now, not mid-way
+        try:
+            run_config(spec, options)
+        except (KeyError, AttributeError, TypeError, ValueError) as problem:
+            runtime.fail(f"--set {spec.method}...: {problem}; see configs/{spec.method}.py for its fields")
+    return options
+
+
+_FLAG_OWNED = {"seed": "--seeds", "mlm.weight": "--mlm_weight (MLM off runs use 0)"}
+
+
+def _parse_overrides(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, object]]:
+    """``["dreambooth.learning_rate=1e-4"]`` -> ``{"dreambooth": {"learning_rate": 1e-4}}``."""
+    overrides: dict[str, dict[str, object]] = {}
+    for item in items:
+        target, equals, text = item.partition("=")
+        method, dot, key = target.partition(".")
+        if not (equals and dot and key and text):
+            runtime.fail(f"--set {item}: write METHOD.KEY=VALUE, e.g. dreambooth.learning_rate=1e-4")
+        if method not in methods:
+            runtime.fail(f"--set {item}: {method!r} is not one of --methods ({','.join(methods)})")
+        if key in _FLAG_OWNED:
+            runtime.fail(f"--set {item}: the experiment sets {key} itself; use {_FLAG_OWNED[key]}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word: a string field
+        overrides.setdefault(method, {})[key] = value
+    return overrides
 
 
 # --- one run -----------------------------------------------------------------------------------------
@@ -144,15 +183,21 @@ def run_config(spec: RunSpec, options: Options) -> ml_collections.ConfigDict:
     The embedded default is used as ``mlmjax.train`` uses it (empty paths); end-of-run samples are
     off, the experiment draws its own.
     """
-    from mlmjax import bench  # configs/ are files of the repository, not of the package
-
-    config = bench.load_config(spec.method)
+    config = config_lib.load_method_config(spec.method)
     config.seed = spec.seed
     config.max_steps = options.steps or config.max_steps
-    config.checkpoint.every = min(config.checkpoint.every, config.max_steps)
-    config.mlm.weight = 0.0 if spec.mlm == "off" else (options.mlm_weight or config.mlm.weight)
     config.prior.num_images = options.prior_images
     config.sample_prompts = ()
+    for key, value in options.overrides.get(spec.method, {}).items():  # --set wins over the flags above
+        *parents, leaf = key.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        if leaf not in node:
+            raise KeyError(f"{key!r} is not a field of the config")
+        node[leaf] = value  # ml_collections refuses a value of another type
+    config.mlm.weight = 0.0 if spec.mlm == "off" else (options.mlm_weight or config.mlm.weight)
+    config.checkpoint.every = min(config.checkpoint.every, config.max_steps)
     return config
 
 
@@ -177,9 +222,10 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
-def _asked(config: ml_collections.ConfigDict, options: Options, templates: list[str]) -> dict:
+def _asked(spec: RunSpec, config: ml_collections.ConfigDict, options: Options, templates: list[str]) -> dict:
     """What a run's ``scores.json`` must say it answered to be reused (and says once written)."""
     return {"steps": config.max_steps, "mlm_weight": float(config.mlm.weight),
+            "learning_rate": float(config.learning_rate), "overrides": dict(options.overrides.get(spec.method, {})),
             "sampling": scores_lib.sampling_settings(templates, options.images_per_prompt, options.sampler_steps,
                                                      options.guidance)}
 
@@ -195,7 +241,7 @@ def do_run(spec: RunSpec, options: Options, templates: list[str], evaluator: Eva
     config = run_config(spec, options)
     if os.path.isfile(scores_path):
         scores = files.read_json_object(scores_path)
-        scores_lib.check_same_scoring(scores, _asked(config, options, templates), scores_path)
+        scores_lib.check_same_scoring(scores, _asked(spec, config, options, templates), scores_path)
         _log(f"{index} {spec.name}: already scored, skipped")
         return scores
     start = time.time()
@@ -208,8 +254,9 @@ def do_run(spec: RunSpec, options: Options, templates: list[str], evaluator: Eva
         _log(f"{index} {spec.name}: trained {config.max_steps} steps (λ = {config.mlm.weight:g}) "
              f"in {time.time() - start:.1f} s")
     start = time.time()
-    scores = scores_lib.score_run(workdir, _asked(config, options, templates)["sampling"], evaluator,
-                                  options.grid_prompts)
+    asked = _asked(spec, config, options, templates)
+    scores = {**scores_lib.score_run(workdir, asked["sampling"], evaluator, options.grid_prompts),
+              "overrides": asked["overrides"]}
     files.write_json_atomic(scores_path, scores)  # last: it marks the run complete
     _log(f"{index} {spec.name}: scored {len(templates)} prompts × {options.images_per_prompt} images in "
          f"{time.time() - start:.1f} s: held-out context fidelity {scores['heldout']['context_fidelity']:.3f}, "

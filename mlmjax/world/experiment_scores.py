@@ -95,7 +95,8 @@ def score_run(workdir: str, settings: dict, evaluator: Evaluator, shown: int) ->
                 **{name: [float(v) for v in scores[name][p * per:(p + 1) * per]] for name in SUMMARY_METRICS}}
                for p, (t, text) in enumerate(zip(templates, texts))]
     save_grid(images[grid_prompts(len(templates), shown)], os.path.join(workdir, GRID_FILE))
-    return {"method": run.config.method, "mlm_weight": float(run.config.mlm.weight), "seed": int(run.config.seed),
+    return {"method": run.config.method, "mlm_weight": float(run.config.mlm.weight),
+            "learning_rate": float(run.config.learning_rate), "seed": int(run.config.seed),
             "steps": run.step, "concept_phrase": run.concept_phrase, "sampling": settings,
             "heldout": _summary(scores, heldout), "training_context": _summary(scores, slice(heldout.stop, None)),
             "prompts": prompts}
@@ -129,6 +130,7 @@ def table_rows(options: Options, all_scores: Mapping[RunSpec, dict]) -> list[dic
         for mlm in options.mlm:
             runs = [scores for spec, scores in all_scores.items() if (spec.method, spec.mlm) == (method, mlm)]
             row = {"method": method, "mlm": mlm, "mlm_weight": sorted({r["mlm_weight"] for r in runs}),
+                   "learning_rate": sorted({r["learning_rate"] for r in runs}),
                    "seeds": len(runs), "steps": sorted({r["steps"] for r in runs})}
             for part in ("heldout", "training_context"):
                 row[part] = {name: _mean_std([r[part][name] for r in runs]) for name in TABLE_METRICS}
@@ -149,13 +151,14 @@ def markdown(rows: list[dict], all_scores: Mapping[RunSpec, dict], options: Opti
              f"{settings['scheduler']} {settings['steps']} steps, guidance {settings['guidance']:g}, sampling seed "
              f"{settings['seed']}; mean ± std over training seeds. comparison.png: one row per line of this "
              f"table (its first seed), columns: {shown} held-out prompts then the training context.",
-             "", "| method | MLM | λ | steps | context fidelity | is_concept | concept probability | seeds |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| method | MLM | λ | lr | steps | context fidelity | is_concept | concept probability | seeds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         weights = ", ".join(f"{w:g}" for w in row["mlm_weight"])
+        rates = ", ".join(f"{r:g}" for r in row["learning_rate"])
         steps = ", ".join(str(s) for s in row["steps"])
         cells = " | ".join(_cell(row["heldout"][name]) for name in TABLE_METRICS)
-        lines.append(f"| {row['method']} | {row['mlm']} | {weights} | {steps} | {cells} | {row['seeds']} |")
+        lines.append(f"| {row['method']} | {row['mlm']} | {weights} | {rates} | {steps} | {cells} | {row['seeds']} |")
     lines += ["", f"Sanity check, the concept photos' own context ({training_context_template()!r}), per run:", "",
               "| run | context fidelity | is_concept | concept probability |", "|---|---|---|---|"]
     for spec, scores in all_scores.items():
