@@ -120,22 +120,30 @@ def _torch_config(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
 
 
-def build_model(size: str, seed: int = 0):
-    """``(Pretrained, how PyTorch builds the same networks)`` for the tiny size or SD 1.5 shapes."""
+def _sd15_model(make_params):
+    """A Pretrained of SD 1.5 shapes (text encoder and UNet; the VAE is replaced by random posterior
+    moments); ``make_params(name, module, index)`` gives each network's parameters."""
     from mlmjax import pretrained as pretrained_lib
     from mlmjax import tiny
     from mlmjax import tokenizer as tokenizer_lib
 
+    modules = {"text_encoder": pretrained_lib.build_component("text_encoder", SD15_TEXT_ENCODER_CONFIG),
+               "unet": pretrained_lib.build_component("unet", SD15_UNET_CONFIG)}
+    params = {name: make_params(name, module, i) for i, (name, module) in enumerate(modules.items())}
+    params["vae"] = {}
+    return pretrained_lib.Pretrained(tokenizer=tokenizer_lib.vendored_tokenizer(), vae=_RandomMoments(),
+                                     scheduler_config=dict(tiny.SCHEDULER_CONFIG), params=params, **modules)
+
+
+def build_model(size: str, seed: int = 0):
+    """``(Pretrained, how PyTorch builds the same networks)`` for the tiny size or SD 1.5 shapes."""
+    from mlmjax import pretrained as pretrained_lib
+    from mlmjax import tiny
+
     if size == "tiny":
         folder = tiny.embedded_assets().model
         return pretrained_lib.load_pretrained(folder), {"kind": "folder", "path": folder}
-    modules = {"text_encoder": pretrained_lib.build_component("text_encoder", SD15_TEXT_ENCODER_CONFIG),
-               "unet": pretrained_lib.build_component("unet", SD15_UNET_CONFIG)}
-    params = {name: pretrained_lib.init_component(name, module, seed + i) for i, (name, module) in
-              enumerate(modules.items())}
-    params["vae"] = {}
-    model = pretrained_lib.Pretrained(tokenizer=tokenizer_lib.vendored_tokenizer(), vae=_RandomMoments(),
-                                      scheduler_config=dict(tiny.SCHEDULER_CONFIG), params=params, **modules)
+    model = _sd15_model(lambda name, module, i: pretrained_lib.init_component(name, module, seed + i))
     return model, {"kind": "random", "unet_config": _torch_config(SD15_UNET_CONFIG),
                    "text_encoder_config": _torch_config(SD15_TEXT_ENCODER_CONFIG)}
 
@@ -143,15 +151,8 @@ def build_model(size: str, seed: int = 0):
 def abstract_sd15_model():
     """SD 1.5 shapes with ``jax.ShapeDtypeStruct`` parameters: nothing allocated."""
     from mlmjax import pretrained as pretrained_lib
-    from mlmjax import tiny
-    from mlmjax import tokenizer as tokenizer_lib
 
-    modules = {"text_encoder": pretrained_lib.build_component("text_encoder", SD15_TEXT_ENCODER_CONFIG),
-               "unet": pretrained_lib.build_component("unet", SD15_UNET_CONFIG)}
-    params = {name: pretrained_lib.abstract_params(name, module) for name, module in modules.items()}
-    params["vae"] = {}
-    return pretrained_lib.Pretrained(tokenizer=tokenizer_lib.vendored_tokenizer(), vae=_RandomMoments(),
-                                     scheduler_config=dict(tiny.SCHEDULER_CONFIG), params=params, **modules)
+    return _sd15_model(lambda name, module, i: pretrained_lib.abstract_params(name, module))
 
 
 def random_contextualizer(folder: str, seed: int = 0) -> str:
