@@ -102,7 +102,8 @@ def load_method_config(method: str, configs_dir: str = CONFIGS_DIR) -> ml_collec
     """``configs/<method>.py``'s ``get_config()``."""
     path = os.path.join(configs_dir, f"{method}.py")
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such config; give a method of configs/ (a folder of the repository, not of the installed package)")
+        raise ValueError(f"{path}: no such config; give a method of configs/ (a folder of the repository, "
+                         "not of the installed package)")
     spec = importlib.util.spec_from_file_location(f"mlmjax_method_config_{method}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

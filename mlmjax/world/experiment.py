@@ -140,11 +140,11 @@ def parse_args(argv: Sequence[str]) -> Options:
                       max_prompts=args.max_prompts, prior_images=args.prior_images,
                       sampler_steps=args.sampler_steps, guidance=args.guidance, grid_prompts=args.grid_prompts,
                       overrides=_parse_overrides(args.set, methods))
-    for spec in run_specs(options):  # a key the config lacks or a value of the wrong type fails now, not mid-way
+    for method in options.overrides:  # a key the config lacks or a value of the wrong type fails now, not mid-way
         try:
-            run_config(spec, options)
+            run_config(RunSpec(method, "on", seeds[0]), options)
         except (KeyError, AttributeError, TypeError, ValueError) as problem:
-            runtime.fail(f"--set {spec.method}...: {problem}; see configs/{spec.method}.py for its fields")
+            runtime.fail(f"--set {method}...: {problem}; see configs/{method}.py for its fields")
     return options
 
 
@@ -189,10 +189,8 @@ def run_config(spec: RunSpec, options: Options) -> ml_collections.ConfigDict:
     config.prior.num_images = options.prior_images
     config.sample_prompts = ()
     for key, value in options.overrides.get(spec.method, {}).items():  # --set wins over the flags above
-        *parents, leaf = key.split(".")
-        node = config
-        for parent in parents:
-            node = node[parent]
+        parent, _, leaf = key.rpartition(".")
+        node = config_lib.config_value(config, parent) if parent else config
         if leaf not in node:
             raise KeyError(f"{key!r} is not a field of the config")
         node[leaf] = value  # ml_collections refuses a value of another type
