@@ -185,54 +185,14 @@ def config_file_for(base: str, method: str | None) -> str:
     return candidate + (options if os.path.abspath(candidate) == os.path.abspath(file) else "")
 
 
-_FIELDS: dict[str, set[str]] = {}  # each config file's dotted keys
-
-
-def _check_keys(config_file: str, keys: Sequence[str]) -> None:
-    """Every override names a field of the config file (a one-line error with a suggestion otherwise)."""
-    import difflib
-
-    from mlmjax import workdir as workdir_lib
-
-    if not keys:
-        return
-    if config_file not in _FIELDS:
-        _FIELDS[config_file] = set(workdir_lib.flatten_config(load_config(config_file, []).to_dict()))
-    fields = _FIELDS[config_file]
-    for key in keys:
-        if key not in fields:
-            close = difflib.get_close_matches(key, sorted(fields), n=1)
-            hint = f"; did you mean {close[0]}?" if close else ""
-            raise UsageError(f"{key}: {config_file} has no such config key{hint}")
-
-
 def load_config(config_file: str, overrides: Sequence[tuple[str, str]]):
-    """The config ``mlmjax.train`` would run: the file with the overrides applied by ml_collections'
-    own flag parser (same types, same errors), then ``mlmjax.config.validate``."""
-    from absl import flags
-    from ml_collections import config_flags
-
+    """The config ``mlmjax.train`` would run (:func:`mlmjax.config.load_config_file`), or a UsageError."""
     from mlmjax import config as config_lib
 
-    if not os.path.isfile(_split_config_file(config_file)[0]):
-        raise UsageError(f"--config {config_file}: file not found")
-    _check_keys(config_file, [key for key, _ in overrides])
-    flag_values = flags.FlagValues()
-    argv = ["sweep", f"--config={config_file}", *[f"--config.{key}={value}" for key, value in overrides]]
-    # config_flags defines the override flags from the argv it is given (sys.argv by default).
-    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv)
     try:
-        flag_values(argv)
-        config = flag_values.config
-        if config.get("method") in config_lib.METHODS:
-            config_lib.validate(config)
-    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as error:
-        message = str(error.args[0] if error.args else error).replace("\\n", " ").replace("\\'", "'")
-        if isinstance(error, (KeyError, AttributeError)):  # ml_collections' text is a quoted KeyError repr
-            message = message.replace("'", "")
-        described = ", ".join(f"{key}={value}" for key, value in overrides)
-        raise UsageError(f"{config_file} with {described or 'no overrides'}: {' '.join(message.split())}") from None
-    return config
+        return config_lib.load_config_file(config_file, overrides)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def plan(config: str, root: str, axes, settings, results_root: str | None = None) -> list[Run]:
@@ -278,6 +238,7 @@ def finished_earlier(run: Run) -> bool:
     checkpoint and samples exist, and ``config.json`` agrees with the requested config on every field
     that is not resumable (``mlmjax.workdir.RESUMABLE``) or left empty to be filled in (``resolution=0``,
     an empty ``class_noun``). Anything else goes to ``mlmjax.train``, which resumes or refuses it."""
+    from mlmjax import config as config_lib
     from mlmjax import workdir as workdir_lib
 
     rows = read_metrics(run.workdir)
@@ -291,10 +252,10 @@ def finished_earlier(run: Run) -> bool:
         return False
     try:
         with open(os.path.join(run.workdir, workdir_lib.CONFIG_FILE)) as f:
-            saved = workdir_lib.flatten_config(json.load(f))
+            saved = config_lib.flatten_config(json.load(f))
     except (OSError, ValueError):
         return False
-    for key, value in workdir_lib.flatten_config(run.config).items():
+    for key, value in config_lib.flatten_config(run.config).items():
         if key in workdir_lib.RESUMABLE or value == "" or (key == "resolution" and value == 0):
             continue  # resumable, or filled in by mlmjax.train (class_noun, resolution)
         if saved.get(key) != value:

@@ -186,7 +186,7 @@ def method_config(method: str, mlm: bool, compute_dtype: str, configs_dir: str =
     ``compute_dtype``, MLM on or off (``mlm.weight`` 0) and ``remat``."""
     from mlmjax import tiny
 
-    config = config_lib.load_method_config(method, configs_dir)
+    config = config_lib.load_method_config(method, configs_dir=configs_dir)
     config.concept.class_noun = tiny.CLASS_NOUN
     # The paper's prompt set at every size (the embedded default's would be the world's, whose shorter
     # prompts mask fewer tokens), so timings compare across sizes and with earlier runs.

@@ -7,8 +7,9 @@ that does not exist is an error, as is a value of the wrong type.
 
 from __future__ import annotations
 
-import importlib.util
+import difflib
 import os
+from typing import Any, Sequence
 
 import ml_collections
 
@@ -98,16 +99,74 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def load_method_config(method: str, configs_dir: str = CONFIGS_DIR) -> ml_collections.ConfigDict:
-    """``configs/<method>.py``'s ``get_config()``."""
+def load_method_config(method: str, overrides: Sequence[tuple[str, str]] = (),
+                       configs_dir: str = CONFIGS_DIR) -> ml_collections.ConfigDict:
+    """``configs/<method>.py`` with `overrides`, as :func:`load_config_file` reads them."""
     path = os.path.join(configs_dir, f"{method}.py")
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such config; give a method of configs/ (a folder of the repository, "
                          "not of the installed package)")
-    spec = importlib.util.spec_from_file_location(f"mlmjax_method_config_{method}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(path, overrides)
+
+
+def load_config_file(config_file: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+    """The config ``mlmjax.train --config=FILE --config.KEY=VALUE ...`` runs.
+
+    `config_file` may carry options (``configs/x.py:a,b``). Overrides are ``(dotted key, text)`` pairs,
+    applied in order (a later one for the same key wins), each parsed by ml_collections' own flag
+    parser: the same types and the same errors as on mlmjax.train's command line. A config of one of
+    :data:`METHODS` is then checked by :func:`validate`. Every problem is a one-line ValueError naming
+    the file, the key and the value.
+    """
+    from absl import flags
+    from ml_collections import config_flags
+
+    if not os.path.isfile(config_file.partition(":")[0]):
+        raise ValueError(f"{config_file}: config file not found")
+    _check_keys(config_file, [key for key, _ in overrides])
+    flag_values = flags.FlagValues()
+    argv = ["mlmjax", f"--config={config_file}", *[f"--config.{key}={value}" for key, value in overrides]]
+    # config_flags defines the override flags from the argv it is given (sys.argv by default).
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv)
+    try:
+        flag_values(argv)
+        config = flag_values.config
+        if config.get("method") in METHODS:
+            validate(config)
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as error:
+        message = str(error.args[0] if error.args else error).replace("\\n", " ").replace("\\'", "'")
+        if isinstance(error, (KeyError, AttributeError)):  # ml_collections' text is a quoted KeyError repr
+            message = message.replace("'", "")
+        described = ", ".join(f"{key}={value}" for key, value in overrides)
+        raise ValueError(f"{config_file} with {described or 'no overrides'}: {' '.join(message.split())}") from None
+    return config
+
+
+_KEYS: dict[str, set[str]] = {}  # each config file's dotted keys, read once
+
+
+def _check_keys(config_file: str, keys: Sequence[str]) -> None:
+    """Every override names a field of the config file (a one-line error with a suggestion otherwise)."""
+    if not keys:
+        return
+    if config_file not in _KEYS:
+        _KEYS[config_file] = set(flatten_config(load_config_file(config_file).to_dict()))
+    for key in keys:
+        if key not in _KEYS[config_file]:
+            close = difflib.get_close_matches(key, sorted(_KEYS[config_file]), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ValueError(f"{key}: {config_file} has no such config key{hint}")
+
+
+def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A config as JSON (nested dicts) keyed by dotted field names, ``{"mlm.weight": 1e-5, ...}``."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -12,11 +12,11 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Any
 
 import ml_collections
 
 from mlmjax import checkpoint as checkpoint_lib
+from mlmjax import config as config_lib
 from mlmjax import data as data_lib
 from mlmjax import files
 from mlmjax import method as method_lib
@@ -122,20 +122,9 @@ def identity(config: ml_collections.ConfigDict, hashes: dict[str, str]) -> dict:
     return {"config": json.loads(config.to_json()), "fingerprints": hashes}
 
 
-def flatten_config(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """A config as JSON (nested dicts) keyed by dotted field names, ``{"mlm.weight": 1e-5, ...}``."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_same_run(saved: dict, current: dict, where: str) -> None:
     """Raises :class:`AnotherRunError` naming what differs between two identities (see :data:`RESUMABLE`)."""
-    old, new = flatten_config(saved["config"]), flatten_config(current["config"])
+    old, new = config_lib.flatten_config(saved["config"]), config_lib.flatten_config(current["config"])
     changed = [f"config.{key}: {old.get(key)!r} there, {new.get(key)!r} now" for key in sorted(set(old) | set(new))
                if key not in RESUMABLE and old.get(key) != new.get(key)]
     for key in sorted(set(saved["fingerprints"]) | set(current["fingerprints"])):

@@ -9,6 +9,7 @@ import os
 
 import pytest
 
+from mlmjax import config as config_lib
 from mlmjax.world import experiment, experiment_scores
 from mlmjax.world.captions import eval_prompts
 
@@ -111,8 +112,11 @@ def test_max_prompts_spreads_over_caption_types():
     (["--mlm", "maybe"], "--mlm=maybe"),
     (["--set", "ti.learning_rate"], "--set ti.learning_rate: write METHOD.KEY=VALUE"),
     (["--methods", "ti", "--set", "xti.learning_rate=1e-3"], "'xti' is not one of --methods (ti)"),
-    (["--set", "ti.learning_rat=1e-3"], "'learning_rat' is not a field of the config"),
-    (["--set", "ti.learning_rate=fast"], "--set ti"),
+    (["--set", "ti.learning_rat=1e-3"], "learning_rat: " + os.path.join(config_lib.CONFIGS_DIR, "ti.py")
+     + " has no such config key; did you mean learning_rate?"),
+    (["--set", "ti.learning_rate=fast"], "ti.py with learning_rate=fast: flag --config.learning_rate=fast: "
+     "could not convert string to float"),
+    (["--set", "ti.mlm.batch_size=2.5"], "mlm.batch_size=2.5"),
     (["--set", "ti.mlm.weight=1e-3"], "the experiment sets mlm.weight itself; use --mlm_weight"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, message):

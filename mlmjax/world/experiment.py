@@ -24,8 +24,8 @@ are ``experiment_scores``'.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -61,9 +61,10 @@ class Options:
     sampler_steps: int = quality.NUM_STEPS  # the world model's own sampler (DDIM)
     guidance: float = quality.GUIDANCE_SCALE
     grid_prompts: int = 4
-    # Per-method config changes, e.g. {"dreambooth": {"learning_rate": 1e-4}}; dotted keys reach
-    # nested fields ("prior.weight").
-    overrides: Mapping[str, Mapping[str, object]] = dataclasses.field(default_factory=dict)
+    # Per-method config changes as written on the command line, e.g. {"dreambooth": (("learning_rate",
+    # "1e-4"),)}; dotted keys reach nested fields ("prior.weight"). Parsed as mlmjax.train parses
+    # --config.KEY=VALUE (mlmjax.config.load_config_file).
+    overrides: Mapping[str, tuple[tuple[str, str], ...]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,20 +141,20 @@ def parse_args(argv: Sequence[str]) -> Options:
                       max_prompts=args.max_prompts, prior_images=args.prior_images,
                       sampler_steps=args.sampler_steps, guidance=args.guidance, grid_prompts=args.grid_prompts,
                       overrides=_parse_overrides(args.set, methods))
-    for method in options.overrides:  # a key the config lacks or a value of the wrong type fails now, not mid-way
+    for method, overrides in options.overrides.items():  # a bad key or value fails now, not mid-way
         try:
-            run_config(RunSpec(method, "on", seeds[0]), options)
-        except (KeyError, AttributeError, TypeError, ValueError) as problem:
-            runtime.fail(f"--set {method}...: {problem}; see configs/{method}.py for its fields")
+            config_lib.load_method_config(method, overrides)
+        except ValueError as problem:
+            runtime.fail(f"--set: {problem}")
     return options
 
 
 _FLAG_OWNED = {"seed": "--seeds", "mlm.weight": "--mlm_weight (MLM off runs use 0)"}
 
 
-def _parse_overrides(items: Sequence[str], methods: Sequence[str]) -> dict[str, dict[str, object]]:
-    """``["dreambooth.learning_rate=1e-4"]`` -> ``{"dreambooth": {"learning_rate": 1e-4}}``."""
-    overrides: dict[str, dict[str, object]] = {}
+def _parse_overrides(items: Sequence[str], methods: Sequence[str]) -> dict[str, tuple[tuple[str, str], ...]]:
+    """``["dreambooth.learning_rate=1e-4"]`` -> ``{"dreambooth": (("learning_rate", "1e-4"),)}``."""
+    overrides: dict[str, tuple[tuple[str, str], ...]] = {}
     for item in items:
         target, equals, text = item.partition("=")
         method, dot, key = target.partition(".")
@@ -163,11 +164,7 @@ def _parse_overrides(items: Sequence[str], methods: Sequence[str]) -> dict[str, 
             runtime.fail(f"--set {item}: {method!r} is not one of --methods ({','.join(methods)})")
         if key in _FLAG_OWNED:
             runtime.fail(f"--set {item}: the experiment sets {key} itself; use {_FLAG_OWNED[key]}")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text  # a bare word: a string field
-        overrides.setdefault(method, {})[key] = value
+        overrides[method] = overrides.get(method, ()) + ((key, text),)
     return overrides
 
 
@@ -183,17 +180,11 @@ def run_config(spec: RunSpec, options: Options) -> ml_collections.ConfigDict:
     The embedded default is used as ``mlmjax.train`` uses it (empty paths); end-of-run samples are
     off, the experiment draws its own.
     """
-    config = config_lib.load_method_config(spec.method)
-    config.seed = spec.seed
-    config.max_steps = options.steps or config.max_steps
-    config.prior.num_images = options.prior_images
-    config.sample_prompts = ()
-    for key, value in options.overrides.get(spec.method, {}).items():  # --set wins over the flags above
-        parent, _, leaf = key.rpartition(".")
-        node = config_lib.config_value(config, parent) if parent else config
-        if leaf not in node:
-            raise KeyError(f"{key!r} is not a field of the config")
-        node[leaf] = value  # ml_collections refuses a value of another type
+    settings = [("seed", str(spec.seed)), ("prior.num_images", str(options.prior_images)), ("sample_prompts", "()")]
+    if options.steps:
+        settings.append(("max_steps", str(options.steps)))
+    # --set comes last, so it wins over the flags (a later override of the same key does).
+    config = config_lib.load_method_config(spec.method, [*settings, *options.overrides.get(spec.method, ())])
     config.mlm.weight = 0.0 if spec.mlm == "off" else (options.mlm_weight or config.mlm.weight)
     config.checkpoint.every = min(config.checkpoint.every, config.max_steps)
     return config
@@ -223,9 +214,14 @@ def _log(message: str) -> None:
 def _asked(spec: RunSpec, config: ml_collections.ConfigDict, options: Options, templates: list[str]) -> dict:
     """What a run's ``scores.json`` must say it answered to be reused (and says once written)."""
     return {"steps": config.max_steps, "mlm_weight": float(config.mlm.weight),
-            "learning_rate": float(config.learning_rate), "overrides": dict(options.overrides.get(spec.method, {})),
+            "learning_rate": float(config.learning_rate), "overrides": _set_values(config, options.overrides.get(spec.method, ())),
             "sampling": scores_lib.sampling_settings(templates, options.images_per_prompt, options.sampler_steps,
                                                      options.guidance)}
+
+
+def _set_values(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]) -> dict:
+    """The values --set gave, as the config holds them (typed; JSON's lists for tuples)."""
+    return json.loads(json.dumps({key: config_lib.config_value(config, key) for key, _ in overrides}))
 
 
 def do_run(spec: RunSpec, options: Options, templates: list[str], evaluator: Evaluator, index: str) -> dict | None:
