@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mlmjax import pretrained as pretrained_lib
+from mlmjax import tiny
 from mlmjax.world import captions as captions_lib
 from mlmjax.world import corpus as corpus_lib
 from mlmjax.world import fitting, pretrain, pretrain_text, pretrain_vae
@@ -118,6 +119,7 @@ def test_every_stage_runs_and_writes_a_loadable_model(tmp_path):
         assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
     model = pretrained_lib.load_pretrained(str(workdir / "model"))
     assert model.vae.config.scaling_factor == pytest.approx(summary["vae"]["scaling_factor"])
+    assert model.unet.config.to_dict()["block_out_channels"] == list(tiny.WORLD_UNET_CHANNELS)  # the world's wider UNet
     assert os.path.isfile(workdir / "check.png")
     assert len((workdir / "captions.txt").read_text().splitlines()) == 20
 

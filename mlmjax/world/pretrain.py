@@ -8,7 +8,7 @@
     python -m mlmjax.world.pretrain --workdir /tmp/world --export mlmjax/assets/tiny
 
 Stages, each reading and rewriting the diffusers-layout folder ``<workdir>/model`` (created with the
-embedded architecture and random weights, ``mlmjax.tiny``, if absent):
+embedded architecture and random weights, ``mlmjax.tiny`` with its ``WORLD_UNET_CHANNELS``, if absent):
 
 1. ``vae``: the autoencoder (:mod:`mlmjax.world.pretrain_vae`), then its latent scaling factor;
 2. ``text``: the text encoder, contrastive against an image tower (:mod:`mlmjax.world.pretrain_text`);
@@ -95,7 +95,7 @@ def _run_loop(workdir: str, stage: str, seed: int):
 def _load_model(plan: Plan) -> pretrained_lib.Pretrained:
     if os.path.isfile(os.path.join(plan.model_dir, "model_index.json")):
         return pretrained_lib.load_pretrained(plan.model_dir)
-    return tiny.tiny_pretrained(seed=0)
+    return tiny.tiny_pretrained(seed=0, unet_channels=tiny.WORLD_UNET_CHANNELS)
 
 
 def _save_model(plan: Plan, model: pretrained_lib.Pretrained) -> None:

@@ -33,7 +33,7 @@ RULES = [(config_lib.UNET, "train"), (r".*", "freeze")]
 class Options:
     steps: int = 2400
     batch_size: int = 32
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     ema_decay: float = 0.999
     seed: int = 2
 
