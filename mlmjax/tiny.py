@@ -70,10 +70,10 @@ SCHEDULER_CONFIG = {
 
 
 def tiny_pretrained(seed: int = 0, dtype=jnp.float32,
-                    unet_channels: Sequence[int] = tuple(UNET_CONFIG["block_out_channels"])) -> pretrained_lib.Pretrained:
-    """The tiny model with random weights, its UNet's ``block_out_channels`` `unet_channels`; the same
-    seed gives the same weights."""
-    unet = {**UNET_CONFIG, "block_out_channels": list(unet_channels)}
+                    unet_channels: Sequence[int] | None = None) -> pretrained_lib.Pretrained:
+    """The tiny model with random weights, its UNet's ``block_out_channels`` `unet_channels` (None:
+    :data:`UNET_CONFIG`'s); the same seed gives the same weights."""
+    unet = {**UNET_CONFIG, "block_out_channels": list(unet_channels or UNET_CONFIG["block_out_channels"])}
     configs = {"text_encoder": TEXT_ENCODER_CONFIG, "unet": unet, "vae": VAE_CONFIG}
     modules, params = {}, {}
     for offset, (name, config) in enumerate(configs.items()):

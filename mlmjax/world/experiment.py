@@ -214,7 +214,8 @@ def _log(message: str) -> None:
 def _asked(spec: RunSpec, config: ml_collections.ConfigDict, options: Options, templates: list[str]) -> dict:
     """What a run's ``scores.json`` must say it answered to be reused (and says once written)."""
     return {"steps": config.max_steps, "mlm_weight": float(config.mlm.weight),
-            "learning_rate": float(config.learning_rate), "overrides": _set_values(config, options.overrides.get(spec.method, ())),
+            "learning_rate": float(config.learning_rate),
+            "overrides": _set_values(config, options.overrides.get(spec.method, ())),
             "sampling": scores_lib.sampling_settings(templates, options.images_per_prompt, options.sampler_steps,
                                                      options.guidance)}
 
