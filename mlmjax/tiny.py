@@ -6,16 +6,16 @@ on the way up, hence the same 7 cross-attention block groups; a KL autoencoder),
 32×32 images (16×16×4 latents).
 
 :func:`tiny_pretrained` gives this architecture with random weights (in about a second on a CPU): the
-starting point of tests and, with the UNet's channels doubled (:data:`WORLD_UNET_CHANNELS`), of the
-world's pretraining. The shipped default, ``assets/tiny``, is that wider model trained on the miniature
-world (:mod:`mlmjax.world.pretrain`), with the world's novel concept as the concept to customize, so
-every part of mlmjax runs, and shows something, without network access.
+starting point of tests and, with the UNet twice as wide and without attention at its finest level
+(:data:`WORLD_UNET`), of the world's pretraining. The shipped default, ``assets/tiny``, is that model
+trained on the miniature world (:mod:`mlmjax.world.pretrain`), with the world's novel concept as the
+concept to customize, so every part of mlmjax runs, and shows something, without network access.
 """
 
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,10 +47,16 @@ UNET_CONFIG = {
     "cross_attention_dim": 32, "attention_head_dim": 2, "flip_sin_to_cos": True, "freq_shift": 0,
 }
 
-# The world model's UNet channels. At the narrow width above (0.55 M parameters) the UNet learned
-# backgrounds and colours but drew every object as the same blob; at this width (2.1 M) objects come
-# out, for 2.6x the step time. Tests keep the narrow width: they need the shapes, not the quality.
-WORLD_UNET_CHANNELS = (32, 64, 64, 64)
+# The world model's UNet, as changes to UNET_CONFIG. At UNET_CONFIG's width (0.55 M parameters) the
+# UNet learned backgrounds and colours but drew every object as the same blob; at twice the width
+# (2.1 M) objects come out. Attention at the finest level (16x16 latents, 256 tokens) cost 45% of the
+# wide UNet's step on a CPU; the world's 32 px scenes get their layout from the 8x8 and 4x4 levels'
+# attention. Tests keep UNET_CONFIG: they need Stable Diffusion's block structure, not the quality.
+WORLD_UNET = {
+    "block_out_channels": [32, 64, 64, 64],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+}
 
 VAE_CONFIG = {
     "_class_name": "AutoencoderKL",
@@ -70,10 +76,10 @@ SCHEDULER_CONFIG = {
 
 
 def tiny_pretrained(seed: int = 0, dtype=jnp.float32,
-                    unet_channels: Sequence[int] | None = None) -> pretrained_lib.Pretrained:
-    """The tiny model with random weights, its UNet's ``block_out_channels`` `unet_channels` (None:
-    :data:`UNET_CONFIG`'s); the same seed gives the same weights."""
-    unet = {**UNET_CONFIG, "block_out_channels": list(unet_channels or UNET_CONFIG["block_out_channels"])}
+                    unet_changes: Mapping[str, Any] | None = None) -> pretrained_lib.Pretrained:
+    """The tiny model with random weights, its UNet :data:`UNET_CONFIG` updated with `unet_changes`
+    (e.g. :data:`WORLD_UNET`); the same seed gives the same weights."""
+    unet = {**UNET_CONFIG, **(unet_changes or {})}
     configs = {"text_encoder": TEXT_ENCODER_CONFIG, "unet": unet, "vae": VAE_CONFIG}
     modules, params = {}, {}
     for offset, (name, config) in enumerate(configs.items()):

@@ -14,6 +14,7 @@ from mlmjax import text_metrics
 from mlmjax import tiny, trainable
 from mlmjax import workdir as workdir_lib
 from mlmjax.models import clip_text
+from mlmjax.models import unet as unet_lib
 from test_train_step import load_config
 
 EMBEDDED = tiny.embedded_assets()
@@ -80,20 +81,22 @@ def test_prompt_batches_align_the_concept_and_class_versions():
 
 
 def test_xti_prompt_batches_hold_one_independently_masked_copy_per_token():
-    run = _run("xti")  # 7 tokens, phrase "<teapot1>" (the authors' quirk)
+    run = _run("xti")  # phrase "<teapot1>" (the authors' quirk)
+    n = len(run.concept_tokens)  # one per cross-attention block group of the embedded UNet
+    assert n == max(unet_lib.cross_attention_block_groups(run.model.unet.config)) + 1 == 5
     templates = text_metrics.evaluation_templates("nonliving", 10, seed=0)
     concept, reference = text_metrics.prompt_batches(run, templates, seed=0, mask_token_id=_mask_id(run))
     vocab = run.model.text_encoder.config.vocab_size
-    assert concept.input_ids.shape == (70, 77)
-    copies = concept.input_ids.reshape(7, 10, 77)
-    for k in range(7):
-        np.testing.assert_array_equal(copies[k][concept.subject.reshape(7, 10, 77)[k]], vocab + k)
+    assert concept.input_ids.shape == (n * 10, 77)
+    copies = concept.input_ids.reshape(n, 10, 77)
+    for k in range(n):
+        np.testing.assert_array_equal(copies[k][concept.subject.reshape(n, 10, 77)[k]], vocab + k)
         np.testing.assert_array_equal(np.where(copies[k] >= vocab, vocab, copies[k]),
                                       np.where(copies[0] >= vocab, vocab, copies[0]))
-    np.testing.assert_array_equal(reference.input_ids.reshape(7, 10, 77),
-                                  np.repeat(reference.input_ids[None, :10], 7, axis=0))
-    masks = concept.mask.reshape(7, 10, 77)
-    assert not all(np.array_equal(masks[0], masks[k]) for k in range(1, 7))
+    np.testing.assert_array_equal(reference.input_ids.reshape(n, 10, 77),
+                                  np.repeat(reference.input_ids[None, :10], n, axis=0))
+    masks = concept.mask.reshape(n, 10, 77)
+    assert not all(np.array_equal(masks[0], masks[k]) for k in range(1, n))
 
 
 def test_metrics_are_bounded_deterministic_and_independent_of_batching():

@@ -2,8 +2,8 @@
 world's evaluator reads the asked background, colour, style and object above chance.
 
 Measured on the shipped weights with these 64 prompts and seed, DDIM 25 steps, guidance 7.5 (README,
-"The miniature world"): prompt fidelity 0.621, background 0.969, colour 0.828, object 0.219, worn item
-0.263, style 0.643. Chance is 1/6 for backgrounds and 1/8 for colours and objects; a random UNet and
+"The miniature world"): prompt fidelity 0.629, background 1.0, colour 0.844, object 0.203, worn item
+0.316, style 0.571. Chance is 1/6 for backgrounds and 1/8 for colours and objects; a random UNet and
 text encoder with the same VAE score 0.11, 0.19 and 0.09 on the first three (guidance 4). Each
 threshold leaves about three pictures of margin; worn items are at chance and have none.
 """

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +93,40 @@ def test_fit_minimises_and_averages():
     assert isinstance(averaged["w"], np.ndarray)
 
 
+_DATA_PARALLEL_FIT = """
+import sys, jax, numpy as np
+jax.config.update("jax_num_cpu_devices", int(sys.argv[1]))
+from mlmjax.world import fitting
+rng = np.random.default_rng(0)
+x = rng.standard_normal((64, 8, 3)).astype(np.float32)  # 8 batches of 8 examples
+y = x @ np.arange(1.0, 4.0, dtype=np.float32)
+placed = []
+def loss(p, batch, key):
+    return jax.numpy.mean((batch["x"] @ p["w"] - batch["y"]) ** 2), {}
+def run_loop(step_fn, state, batches, steps):
+    for _ in range(steps):
+        batch = next(batches)
+        placed.append(len(batch["x"].sharding.device_set))
+        state, _ = step_fn(state, batch, jax.random.key(0))
+    return state
+batches = ({"x": x[i % 8 * 8:(i % 8 + 1) * 8], "y": y[i % 8 * 8:(i % 8 + 1) * 8]} for i in range(10**6))
+w = fitting.fit(loss, {"w": np.zeros(3, np.float32)}, fitting.Schedule(40, 0.05, warmup=5), batches, run_loop)["w"]
+print(" ".join(map(repr, [placed[0], *w.tolist()])))
+"""
+
+
+def test_fit_splits_each_batch_over_the_devices_and_matches_one_device():
+    def fit_on(devices: int) -> list[float]:
+        out = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_FIT, str(devices)], capture_output=True,
+                             text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
+        return [float(v) for v in out.split()]
+
+    one, two = fit_on(1), fit_on(2)
+    assert one[0] == 1 and two[0] == 2  # the batch was split over both devices
+    assert one[1:] != [0.0, 0.0, 0.0]
+    np.testing.assert_allclose(two[1:], one[1:], rtol=1e-5)
+
+
 def test_contrastive_loss_prefers_matching_pairs():
     eye = jnp.eye(4)
     loss, accuracy = pretrain_text.contrastive_loss(eye, eye, jnp.log(10.0))
@@ -119,7 +155,9 @@ def test_every_stage_runs_and_writes_a_loadable_model(tmp_path):
         assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
     model = pretrained_lib.load_pretrained(str(workdir / "model"))
     assert model.vae.config.scaling_factor == pytest.approx(summary["vae"]["scaling_factor"])
-    assert model.unet.config.to_dict()["block_out_channels"] == list(tiny.WORLD_UNET_CHANNELS)  # the world's wider UNet
+    unet_config = model.unet.config.to_dict()
+    assert {key: unet_config[key] for key in tiny.WORLD_UNET} == tiny.WORLD_UNET  # the world's UNet, not the tests'
+    assert all(summary[stage]["devices"] == jax.local_device_count() for stage in ("vae", "text", "unet"))
     assert os.path.isfile(workdir / "check.png")
     assert len((workdir / "captions.txt").read_text().splitlines()) == 20
 

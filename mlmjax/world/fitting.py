@@ -4,6 +4,11 @@ A stage supplies ``loss_fn(params, batch, rng) -> (loss, metrics)``; :func:`fit`
 it to the caller's loop (mlmjax's ``loop.train_loop``: progress bar, ``metrics.jsonl``, finite-loss
 checks) and returns the trained parameters, or their exponential moving average when ``ema_decay``
 is set: short diffusion trainings sample much better from the average than from the last iterate.
+
+The step is data-parallel over this process's devices. On a CPU, XLA runs one small convolution or
+matmul at a time on one core, so a 2-core machine trains a world network about 1.5x faster as two
+CPU devices (``jax_num_cpu_devices``, which `pretrain` sets) that each take half of every batch.
+The numbers then depend on the device count, a different summation order, and on nothing else.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 RunLoop = Callable[[Callable, Any, Iterator[dict], int], Any]
@@ -61,12 +67,26 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay: floa
     return jax.jit(step, donate_argnums=0)
 
 
+def _data_parallel(batches: Iterator[dict]) -> tuple[NamedSharding, Iterator[dict]]:
+    """The replicated sharding for the state, and `batches` split along their first axis over the
+    local devices (a batch that does not divide among them is replicated instead)."""
+    devices = jax.local_devices()
+    mesh = Mesh(np.array(devices), ("data",))
+    split, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+
+    def place(batch: dict) -> dict:
+        return {key: jax.device_put(value, split if np.shape(value)[0] % len(devices) == 0 else replicated)
+                for key, value in batch.items()}
+    return replicated, map(place, batches)
+
+
 def fit(loss_fn: LossFn, params: Any, schedule: Schedule, batches: Iterator[dict], run_loop: RunLoop, *,
         ema_decay: float = 0.0) -> Any:
     """Trains ``params`` for ``schedule.steps``; returns host arrays (the EMA when ``ema_decay``)."""
     tx = schedule.optimizer()
-    params = jax.tree.map(jnp.asarray, params)
+    replicated, batches = _data_parallel(batches)
+    params = jax.device_put(jax.tree.map(jnp.asarray, params), replicated)
     ema = jax.tree.map(jnp.copy, params) if ema_decay else None
-    state = FitState(jnp.zeros((), jnp.int32), params, tx.init(params), ema)
+    state = jax.device_put(FitState(jnp.zeros((), jnp.int32), params, tx.init(params), ema), replicated)
     state = run_loop(make_step(loss_fn, tx, ema_decay), state, batches, schedule.steps)
     return jax.tree.map(np.asarray, state.ema if ema_decay else state.params)

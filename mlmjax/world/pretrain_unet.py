@@ -31,7 +31,7 @@ RULES = [(config_lib.UNET, "train"), (r".*", "freeze")]
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    steps: int = 2400
+    steps: int = 4000
     batch_size: int = 32
     learning_rate: float = 1e-3
     ema_decay: float = 0.999
