@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mlmjax import sharding
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 RunLoop = Callable[[Callable, Any, Iterator[dict], int], Any]
@@ -67,26 +68,15 @@ def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, ema_decay: floa
     return jax.jit(step, donate_argnums=0)
 
 
-def _data_parallel(batches: Iterator[dict]) -> tuple[NamedSharding, Iterator[dict]]:
-    """The replicated sharding for the state, and `batches` split along their first axis over the
-    local devices (a batch that does not divide among them is replicated instead)."""
-    devices = jax.local_devices()
-    mesh = Mesh(np.array(devices), ("data",))
-    split, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
-
-    def place(batch: dict) -> dict:
-        return {key: jax.device_put(value, split if np.shape(value)[0] % len(devices) == 0 else replicated)
-                for key, value in batch.items()}
-    return replicated, map(place, batches)
-
-
 def fit(loss_fn: LossFn, params: Any, schedule: Schedule, batches: Iterator[dict], run_loop: RunLoop, *,
         ema_decay: float = 0.0) -> Any:
     """Trains ``params`` for ``schedule.steps``; returns host arrays (the EMA when ``ema_decay``)."""
     tx = schedule.optimizer()
-    replicated, batches = _data_parallel(batches)
-    params = jax.device_put(jax.tree.map(jnp.asarray, params), replicated)
+    # Data parallel over this process's devices: the state replicated, each batch's rows split.
+    mesh = sharding.make_mesh(sharding.DATA_PARALLEL, jax.local_devices())
+    params = jax.tree.map(jnp.asarray, params)
     ema = jax.tree.map(jnp.copy, params) if ema_decay else None
-    state = jax.device_put(FitState(jnp.zeros((), jnp.int32), params, tx.init(params), ema), replicated)
+    state = jax.device_put(FitState(jnp.zeros((), jnp.int32), params, tx.init(params), ema), sharding.replicated(mesh))
+    batches = (sharding.shard_batch(batch, mesh) for batch in batches)
     state = run_loop(make_step(loss_fn, tx, ema_decay), state, batches, schedule.steps)
     return jax.tree.map(np.asarray, state.ema if ema_decay else state.params)
