@@ -9,9 +9,10 @@ r"""Contextualizer pretraining: masked language modelling on CLIP text features 
 The result, ``<workdir>/contextualizer``, is what a customization run takes as
 ``--config.mlm.contextualizer``. Option ``tiny`` (after the file name) shrinks the run for a CPU: the
 embedded tiny model, batch 32, 300 steps at lr 1e-3. Option ``world`` is how the embedded default's
-contextualizer was made (``python -m mlmjax.world.pretrain`` writes the model and the captions): the
-world's scene captions mixed, as the authors mix COCO with templates, with the world's synthetic
-single-context captions; a tiny contextualizer, batch 32, 1200 steps at lr 1e-3.
+contextualizer was made (the ``contextualizer`` stage of ``python -m mlmjax.world.pretrain`` runs it
+on the model and captions of its earlier stages): the world's scene captions mixed, as the authors
+mix COCO with templates, with the world's synthetic single-context captions; a tiny contextualizer,
+batch 32, 1200 steps at lr 1e-3.
 """
 
 from mlmjax.world import captions as world_captions

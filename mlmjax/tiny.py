@@ -47,17 +47,6 @@ UNET_CONFIG = {
     "cross_attention_dim": 32, "attention_head_dim": 2, "flip_sin_to_cos": True, "freq_shift": 0,
 }
 
-# The world model's UNet, as changes to UNET_CONFIG. At UNET_CONFIG's width (0.55 M parameters) the
-# UNet learned backgrounds and colours but drew every object as the same blob; at twice the width
-# (2.1 M) objects come out. Attention at the finest level (16x16 latents, 256 tokens) cost 45% of the
-# wide UNet's step on a CPU; the world's 32 px scenes get their layout from the 8x8 and 4x4 levels'
-# attention. Tests keep UNET_CONFIG: they need Stable Diffusion's block structure, not the quality.
-WORLD_UNET = {
-    "block_out_channels": [32, 64, 64, 64],
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-}
-
 VAE_CONFIG = {
     "_class_name": "AutoencoderKL",
     "in_channels": 3, "out_channels": 3, "latent_channels": 4, "sample_size": RESOLUTION,
@@ -66,6 +55,21 @@ VAE_CONFIG = {
     "block_out_channels": [16, 32], "layers_per_block": 1, "norm_num_groups": 8,
     "scaling_factor": 0.18215,
 }
+
+# The world model, as changes to the tests' configs (which keep Stable Diffusion's block structure, not
+# the quality). UNet: at UNET_CONFIG's width (0.55 M parameters) it learned backgrounds and colours but
+# drew every object as the same blob; at twice the width (2.1 M) objects come out. Attention at the
+# finest level (16x16 latents, 256 tokens) cost 45% of the wide UNet's step on a CPU; the world's
+# 32 px scenes get their layout from the 8x8 and 4x4 levels' attention. VAE: its mid-block attention
+# (256 tokens) cost 27% of a VAE step, and a factor-2 autoencoder of flat-coloured scenes needs no
+# global context (diffusers' mid_block_add_attention, as some SD-family autoencoders set it).
+WORLD_UNET = {
+    "block_out_channels": [32, 64, 64, 64],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+}
+WORLD_VAE = {"mid_block_add_attention": False}
+WORLD = {"unet": WORLD_UNET, "vae": WORLD_VAE}
 
 # Stable Diffusion 1.x's noise schedule.
 SCHEDULER_CONFIG = {
@@ -76,11 +80,15 @@ SCHEDULER_CONFIG = {
 
 
 def tiny_pretrained(seed: int = 0, dtype=jnp.float32,
-                    unet_changes: Mapping[str, Any] | None = None) -> pretrained_lib.Pretrained:
-    """The tiny model with random weights, its UNet :data:`UNET_CONFIG` updated with `unet_changes`
-    (e.g. :data:`WORLD_UNET`); the same seed gives the same weights."""
-    unet = {**UNET_CONFIG, **(unet_changes or {})}
-    configs = {"text_encoder": TEXT_ENCODER_CONFIG, "unet": unet, "vae": VAE_CONFIG}
+                    changes: Mapping[str, Mapping[str, Any]] | None = None) -> pretrained_lib.Pretrained:
+    """The tiny model with random weights; `changes` updates its components' configs by name (e.g.
+    :data:`WORLD`, the world model's). The same seed gives the same weights."""
+    defaults = {"text_encoder": TEXT_ENCODER_CONFIG, "unet": UNET_CONFIG, "vae": VAE_CONFIG}
+    changes = changes or {}
+    if set(changes) - set(defaults):
+        raise ValueError(f"tiny_pretrained: changes for unknown components {sorted(set(changes) - set(defaults))}; "
+                         f"the components are {sorted(defaults)}")
+    configs = {name: {**config, **changes.get(name, {})} for name, config in defaults.items()}
     modules, params = {}, {}
     for offset, (name, config) in enumerate(configs.items()):
         modules[name] = pretrained_lib.build_component(name, config, dtype, f"mlmjax.tiny:{name}")

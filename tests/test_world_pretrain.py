@@ -141,25 +141,48 @@ def test_scaling_factor_is_inverse_sample_std():
     assert pretrain_vae.scaling_factor(mean, logvar) == pytest.approx(0.5, rel=0.02)
 
 
-def test_every_stage_runs_and_writes_a_loadable_model(tmp_path):
+def test_every_stage_runs_in_one_process_and_exports_the_embedded_default(tmp_path):
     workdir = tmp_path / "world"
     pretrain.main(["--workdir", str(workdir), "--corpus_size", "32", "--captions", "20", "--check_prompts", "2",
                    "--vae", "steps=2,batch_size=4", "--text", "steps=2,batch_size=4",
+                   "--contextualizer", "max_steps=2,batch_size=4,log_every=1,heldout_size=4",
                    "--unet", "steps=2,batch_size=4"])
     summary = json.loads((workdir / "summary.json").read_text())
-    assert set(summary) == {"vae", "text", "unet", "captions"}
+    assert set(summary) == set(pretrain.STAGES)
     assert summary["unet"]["steps"] == summary["unet"]["total_steps"] == 2
     assert 0 <= summary["unet"]["check_prompt_fidelity"] <= 1
-    for stage in ("vae", "text", "unet"):
-        rows = [json.loads(line) for line in (workdir / stage / "metrics.jsonl").read_text().splitlines()]
+    assert summary["contextualizer"]["steps"] == 2 and 0 <= summary["contextualizer"]["held_out_masked_accuracy"] <= 1
+    for stage, folder in (("vae", "vae"), ("text", "text"), ("unet", "unet"), ("contextualizer", "ctx")):
+        rows = [json.loads(line) for line in (workdir / folder / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2] and all(np.isfinite(r["loss"]) for r in rows)
+        assert summary[stage]["devices"] == jax.local_device_count() and summary[stage]["minutes"] >= 0
     model = pretrained_lib.load_pretrained(str(workdir / "model"))
     assert model.vae.config.scaling_factor == pytest.approx(summary["vae"]["scaling_factor"])
-    unet_config = model.unet.config.to_dict()
-    assert {key: unet_config[key] for key in tiny.WORLD_UNET} == tiny.WORLD_UNET  # the world's UNet, not the tests'
-    assert all(summary[stage]["devices"] == jax.local_device_count() for stage in ("vae", "text", "unet"))
+    for name, changes in tiny.WORLD.items():  # the world's architecture, not the tests'
+        config = getattr(model, name).config.to_dict()
+        assert {key: config[key] for key in changes} == changes
     assert os.path.isfile(workdir / "check.png")
     assert len((workdir / "captions.txt").read_text().splitlines()) == 20
+
+    out = tmp_path / "embedded"
+    pretrain.main(["--workdir", str(workdir), "--export", str(out)])
+    assert sorted(os.listdir(out)) == ["class", "concept", "contextualizer", "model"]
+    assert len(os.listdir(out / "concept")) == pretrain.NUM_CONCEPT_PHOTOS
+    exported = pretrained_lib.load_pretrained(str(out / "model"))
+    # Shipped in half precision: the weights agree to float16's rounding.
+    np.testing.assert_allclose(np.asarray(exported.params["vae"]["decoder"]["conv_out"]["kernel"], np.float32),
+                               model.params["vae"]["decoder"]["conv_out"]["kernel"], rtol=1e-3, atol=1e-4)
+
+
+def test_a_stage_that_needs_an_earlier_one_says_which(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(["--workdir", str(tmp_path), "--stages", "contextualizer"])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and "captions.txt: the contextualizer stage needs the captions and text stages first" \
+        in message
+    with pytest.raises(SystemExit, match="key=value pairs"):
+        pretrain.main(["--workdir", str(tmp_path), "--contextualizer", "max_steps"])
 
 
 def test_export_without_a_contextualizer_is_a_one_line_error(tmp_path, capsys):

@@ -1,31 +1,31 @@
 """Pretrains the world's tiny text-to-image model from scratch, stage by stage, on this CPU.
 
-    python -m mlmjax.world.pretrain --workdir /tmp/world --stages captions,vae,text
-    python -m mlmjax.world.pretrain --workdir /tmp/world --stages unet &
-    python -m mlmjax.train --config configs/contextualizer.py:world --workdir /tmp/world/ctx \
-        --config.pretrained=/tmp/world/model --config.captions=/tmp/world/captions.txt
-    wait
+    python -m mlmjax.world.pretrain --workdir /tmp/world
     python -m mlmjax.world.pretrain --workdir /tmp/world --export mlmjax/assets/tiny
 
-Stages, each reading and rewriting the diffusers-layout folder ``<workdir>/model`` (created with the
-embedded architecture and random weights, ``mlmjax.tiny`` with its ``WORLD_UNET``, if absent):
+Stages, in this order, each reading and rewriting the diffusers-layout folder ``<workdir>/model``
+(created with the embedded architecture and random weights, ``mlmjax.tiny`` with its ``WORLD``
+changes, if absent):
 
-1. ``vae``: the autoencoder (:mod:`mlmjax.world.pretrain_vae`), then its latent scaling factor;
-2. ``text``: the text encoder, contrastive against an image tower (:mod:`mlmjax.world.pretrain_text`);
-3. ``unet``: the UNet by denoising, the text encoder frozen (:mod:`mlmjax.world.pretrain_unet`), then a
-   check: images generated for plain prompts, read back by the world's evaluator;
-4. ``captions``: ``<workdir>/captions.txt``, the corpus the contextualizer pretrains on.
+1. ``captions``: ``<workdir>/captions.txt``, the corpus the contextualizer pretrains on;
+2. ``vae``: the autoencoder (:mod:`mlmjax.world.pretrain_vae`), then its latent scaling factor;
+3. ``text``: the text encoder, contrastive against an image tower (:mod:`mlmjax.world.pretrain_text`);
+4. ``contextualizer``: masked language modelling on the stage-3 text encoder, as
+   ``python -m mlmjax.train --config configs/contextualizer.py:world`` runs it, into ``<workdir>/ctx``;
+5. ``unet``: the UNet by denoising, the text encoder frozen (:mod:`mlmjax.world.pretrain_unet`), then a
+   check: images generated for plain prompts, read back by the world's evaluator.
 
-The contextualizer needs only the text encoder, so it can pretrain while the ``unet`` stage runs.
-Every stage's step is data-parallel over ``--cpu_devices`` CPU devices (:mod:`mlmjax.world.fitting`
-says why); the shipped model was made with the default, 2.
+One process runs them one after the other: the scenes are rendered once, and each stage's step is
+data-parallel over ``--cpu_devices`` CPU devices (:mod:`mlmjax.world.fitting` says why), which keeps
+both cores busier than two stages side by side did. The shipped model was made with the default, 2.
 
-Each stage logs into ``<workdir>/<stage>/`` (progress bar, ``metrics.jsonl``, ``loss_curve.png``) and
-adds its numbers to ``<workdir>/summary.json``. A stage run again starts from the weights the workdir
-holds: ``--stages unet`` a second time trains the UNet further (``summary.json`` counts its total
-steps). ``--export`` writes the embedded default: the model in float16 without its tokenizer (the
-vendored CLIP vocabulary stands in), the contextualizer from ``<workdir>/ctx/contextualizer``, the
-concept's photos and the class pictures.
+Each stage logs into ``<workdir>/<stage>/`` (``ctx/`` for the contextualizer: progress bar,
+``metrics.jsonl``, ``loss_curve.png``) and adds its numbers, and its minutes, to
+``<workdir>/summary.json``. A stage run again moves its earlier logs aside and starts from the weights
+the workdir holds: ``--stages unet`` a second time trains the UNet further (``summary.json`` counts
+its total steps); the contextualizer always starts afresh. ``--export`` writes the embedded default:
+the model in float16 without its tokenizer (the vendored CLIP vocabulary stands in), the
+contextualizer from ``<workdir>/ctx/contextualizer``, the concept's photos and the class pictures.
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from mlmjax import config as config_lib
 from mlmjax import files
 from mlmjax import loop
+from mlmjax import pretrain_contextualizer
 from mlmjax import pretrained as pretrained_lib
 from mlmjax import runtime
 from mlmjax import sampling
@@ -50,7 +52,10 @@ from mlmjax.world import corpus as corpus_lib
 from mlmjax.world import evaluator as evaluator_lib
 from mlmjax.world import pretrain_text, pretrain_unet, pretrain_vae, quality
 
-STAGES = ("vae", "text", "unet", "captions")
+STAGES = ("captions", "vae", "text", "contextualizer", "unet")
+IMAGE_STAGES = ("vae", "text", "unet")  # the stages that train on rendered scenes
+# How the embedded default's contextualizer is pretrained; --contextualizer overrides its fields.
+CONTEXTUALIZER_CONFIG = os.path.join(config_lib.CONFIGS_DIR, "contextualizer.py") + ":world"
 CORPUS_SEED = 100
 HELD_OUT_SEED = 101  # scenes no stage trains on
 CAPTIONS_SEED = 102
@@ -67,6 +72,7 @@ class Plan:
     vae: pretrain_vae.Options = pretrain_vae.Options()
     text: pretrain_text.Options = pretrain_text.Options()
     unet: pretrain_unet.Options = pretrain_unet.Options()
+    contextualizer: tuple[tuple[str, str], ...] = ()  # config overrides, (dotted key, text) pairs
 
     @property
     def model_dir(self) -> str:
@@ -96,7 +102,7 @@ def _run_loop(workdir: str, stage: str, seed: int):
 def _load_model(plan: Plan) -> pretrained_lib.Pretrained:
     if os.path.isfile(os.path.join(plan.model_dir, "model_index.json")):
         return pretrained_lib.load_pretrained(plan.model_dir)
-    return tiny.tiny_pretrained(seed=0, unet_changes=tiny.WORLD_UNET)
+    return tiny.tiny_pretrained(seed=0, changes=tiny.WORLD)
 
 
 def _save_model(plan: Plan, model: pretrained_lib.Pretrained) -> None:
@@ -148,6 +154,18 @@ def _unet_stage(plan: Plan, model, corpus, held_out):
                    "learning_rate": plan.unet.learning_rate, **check(plan, model)}
 
 
+def _contextualizer_stage(plan: Plan) -> dict:
+    captions = os.path.join(plan.workdir, "captions.txt")
+    for path in (captions, os.path.join(plan.model_dir, "model_index.json")):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: the contextualizer stage needs the captions and text stages first")
+    config = config_lib.load_config_file(
+        CONTEXTUALIZER_CONFIG, [("pretrained", plan.model_dir), ("captions", captions), *plan.contextualizer])
+    metrics = pretrain_contextualizer.run(config, _fresh_log_folder(plan.workdir, "ctx"))
+    return {"steps": config.max_steps, "batch_size": config.batch_size,
+            "held_out_masked_accuracy": metrics["heldout_mlm_accuracy_after"]}
+
+
 def check(plan: Plan, model) -> dict:
     """Images for `plan.check_prompts` plain prompts, scored; writes ``<workdir>/check.png``."""
     prompts, asked = quality.plain_prompts(plan.check_prompts, quality.CHECK_SEED)
@@ -161,25 +179,28 @@ def check(plan: Plan, model) -> dict:
 
 
 def run(plan: Plan, stages: Sequence[str]) -> None:
+    """Runs `stages` in :data:`STAGES` order."""
     os.makedirs(plan.workdir, exist_ok=True)
-    if "captions" in stages:
-        path = os.path.join(plan.workdir, "captions.txt")
-        corpus_lib.write_caption_file(path, plan.captions, CAPTIONS_SEED)
-        _record(plan, "captions", {"path": path, "count": plan.captions})
-    image_stages = [s for s in ("vae", "text", "unet") if s in stages]
-    if not image_stages:
-        return
-    start = time.time()
-    corpus = corpus_lib.build(plan.corpus_size, CORPUS_SEED)
-    held_out = corpus_lib.build(512, HELD_OUT_SEED)
-    print(f"rendered {len(corpus)} training scenes in {time.time() - start:.0f} s")
-    model = _load_model(plan)
-    for stage in image_stages:
+    corpus = held_out = model = None
+    for stage in [s for s in STAGES if s in stages]:
         start = time.time()
-        model, numbers = {"vae": _vae_stage, "text": _text_stage, "unet": _unet_stage}[stage](
-            plan, model, corpus, held_out)
-        _save_model(plan, model)
-        _record(plan, stage, {**numbers, "devices": jax.local_device_count(), "seconds": round(time.time() - start)})
+        if stage == "captions":
+            path = os.path.join(plan.workdir, "captions.txt")
+            corpus_lib.write_caption_file(path, plan.captions, CAPTIONS_SEED)
+            numbers = {"path": path, "count": plan.captions}
+        elif stage == "contextualizer":
+            numbers = _contextualizer_stage(plan)
+        else:
+            if corpus is None:
+                corpus = corpus_lib.build(plan.corpus_size, CORPUS_SEED)
+                held_out = corpus_lib.build(512, HELD_OUT_SEED)
+                print(f"rendered {len(corpus)} training scenes in {time.time() - start:.0f} s")
+                model = _load_model(plan)
+            model, numbers = {"vae": _vae_stage, "text": _text_stage, "unet": _unet_stage}[stage](
+                plan, model, corpus, held_out)
+            _save_model(plan, model)
+        _record(plan, stage, {**numbers, "devices": jax.local_device_count(),
+                              "minutes": round((time.time() - start) / 60, 1)})
 
 
 def export(plan: Plan, out: str) -> None:
@@ -215,6 +236,15 @@ def _options(cls, text: str):
     return cls(**values)
 
 
+def _overrides(text: str) -> tuple[tuple[str, str], ...]:
+    """``max_steps=100,batch_size=8`` -> (("max_steps", "100"), ("batch_size", "8")), checked when the
+    stage loads its config (the same errors as mlmjax.train's command line)."""
+    pairs = tuple(tuple(item.split("=", 1)) for item in filter(None, text.split(",")))
+    if any(len(pair) != 2 for pair in pairs):
+        raise SystemExit(f"--contextualizer={text!r}: give key=value pairs separated by commas")
+    return pairs
+
+
 def _use_cpu_devices(count: int) -> None:
     """Splits the CPU into `count` devices for the data-parallel steps (:mod:`mlmjax.world.fitting`);
     only possible before JAX first touches a device, so a caller that already has (a test) keeps its."""
@@ -233,8 +263,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--corpus_size", type=int, default=Plan.corpus_size)
     parser.add_argument("--captions", type=int, default=Plan.captions, help="captions for the contextualizer")
     parser.add_argument("--check_prompts", type=int, default=Plan.check_prompts)
-    for stage in ("vae", "text", "unet"):
+    for stage in IMAGE_STAGES:
         parser.add_argument(f"--{stage}", default="", help=f"{stage} stage options, e.g. steps=100,batch_size=8")
+    parser.add_argument("--contextualizer", default="",
+                        help="overrides of configs/contextualizer.py:world, e.g. max_steps=100,batch_size=8")
     parser.add_argument("--cpu_devices", type=int, default=2,
                         help="CPU devices each step's batch is split over (the shipped model: 2, on 2 cores)")
     parser.add_argument("--export", metavar="DIR", help="write the embedded default from the workdir, run nothing")
@@ -246,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"--stages: unknown stage(s) {unknown}; choose from {STAGES}")
     plan = Plan(os.path.abspath(args.workdir), args.corpus_size, args.captions, args.check_prompts,
                 _options(pretrain_vae.Options, args.vae), _options(pretrain_text.Options, args.text),
-                _options(pretrain_unet.Options, args.unet))
+                _options(pretrain_unet.Options, args.unet), _overrides(args.contextualizer))
     try:
         if args.export:
             export(plan, args.export)

@@ -1,4 +1,4 @@
-"""Pretraining stage 2: the tiny CLIP text encoder, contrastive against a tiny image tower.
+"""World pretraining, the `text` stage: the tiny CLIP text encoder, contrastive against a tiny image tower.
 
 As CLIP was trained: a batch of (image, caption) pairs, the text tower's state at the EOS token and
 the image tower's pooled features projected into a shared space, and a symmetric cross-entropy that

@@ -1,11 +1,11 @@
-"""Pretraining stage 3: the tiny UNet, conditioned on the stage-2 text encoder, by denoising.
+"""World pretraining, the `unet` stage: the tiny UNet, conditioned on the `text` stage's encoder, by denoising.
 
 The loss is mlmjax's own customization loss (``train_step.loss_fn``: VAE posterior sample, DDPM
 noising, the UNet's epsilon error) with nothing customized: no concept token in any prompt, no prior
 term, no MLM. Only the UNet trains, on captions that leave attributes unsaid and are sometimes
 empty (`corpus.training_caption`), so classifier-free guidance has an unconditional model to push
-against. The text encoder and the VAE are frozen, as Stable Diffusion's are: the contextualizer can
-then pretrain on the stage-2 text encoder while this stage runs, and the VAE's posterior moments are
+against. The text encoder and the VAE are frozen, as Stable Diffusion's are: the contextualizer
+pretrains on the same text encoder the UNet is conditioned on, and the VAE's posterior moments are
 computed once for the whole corpus. The returned weights are the exponential moving average of the
 trained ones.
 """
@@ -31,7 +31,7 @@ RULES = [(config_lib.UNET, "train"), (r".*", "freeze")]
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    steps: int = 4000
+    steps: int = 3000
     batch_size: int = 32
     learning_rate: float = 1e-3
     ema_decay: float = 0.999

@@ -1,4 +1,4 @@
-"""Pretraining stage 1: the tiny KL autoencoder on rendered world scenes.
+"""World pretraining, the `vae` stage: the tiny KL autoencoder on rendered world scenes.
 
 Loss: L1 + squared error of the decoded posterior sample, plus `kl_weight` × the KL divergence to a
 standard normal (both per element). Stable Diffusion's autoencoder also has a perceptual and an
