@@ -56,6 +56,7 @@ STAGES = ("captions", "vae", "text", "contextualizer", "unet")
 IMAGE_STAGES = ("vae", "text", "unet")  # the stages that train on rendered scenes
 # How the embedded default's contextualizer is pretrained; --contextualizer overrides its fields.
 CONTEXTUALIZER_CONFIG = os.path.join(config_lib.CONFIGS_DIR, "contextualizer.py") + ":world"
+CONTEXTUALIZER_WORKDIR = "ctx"  # the contextualizer stage's workdir (logs, checkpoints, result), in --workdir
 CORPUS_SEED = 100
 HELD_OUT_SEED = 101  # scenes no stage trains on
 CAPTIONS_SEED = 102
@@ -77,6 +78,10 @@ class Plan:
     @property
     def model_dir(self) -> str:
         return os.path.join(self.workdir, "model")
+
+    @property
+    def captions_path(self) -> str:
+        return os.path.join(self.workdir, "captions.txt")
 
 
 def _fresh_log_folder(workdir: str, stage: str) -> str:
@@ -155,13 +160,12 @@ def _unet_stage(plan: Plan, model, corpus, held_out):
 
 
 def _contextualizer_stage(plan: Plan) -> dict:
-    captions = os.path.join(plan.workdir, "captions.txt")
-    for path in (captions, os.path.join(plan.model_dir, "model_index.json")):
+    for path in (plan.captions_path, os.path.join(plan.model_dir, "model_index.json")):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: the contextualizer stage needs the captions and text stages first")
     config = config_lib.load_config_file(
-        CONTEXTUALIZER_CONFIG, [("pretrained", plan.model_dir), ("captions", captions), *plan.contextualizer])
-    metrics = pretrain_contextualizer.run(config, _fresh_log_folder(plan.workdir, "ctx"))
+        CONTEXTUALIZER_CONFIG, [("pretrained", plan.model_dir), ("captions", plan.captions_path), *plan.contextualizer])
+    metrics = pretrain_contextualizer.run(config, _fresh_log_folder(plan.workdir, CONTEXTUALIZER_WORKDIR))
     return {"steps": config.max_steps, "batch_size": config.batch_size,
             "held_out_masked_accuracy": metrics["heldout_mlm_accuracy_after"]}
 
@@ -185,9 +189,8 @@ def run(plan: Plan, stages: Sequence[str]) -> None:
     for stage in [s for s in STAGES if s in stages]:
         start = time.time()
         if stage == "captions":
-            path = os.path.join(plan.workdir, "captions.txt")
-            corpus_lib.write_caption_file(path, plan.captions, CAPTIONS_SEED)
-            numbers = {"path": path, "count": plan.captions}
+            corpus_lib.write_caption_file(plan.captions_path, plan.captions, CAPTIONS_SEED)
+            numbers = {"path": plan.captions_path, "count": plan.captions}
         elif stage == "contextualizer":
             numbers = _contextualizer_stage(plan)
         else:
@@ -205,7 +208,7 @@ def run(plan: Plan, stages: Sequence[str]) -> None:
 
 def export(plan: Plan, out: str) -> None:
     """The embedded default (see the module docstring) into `out`, replacing what it held."""
-    contextualizer = os.path.join(plan.workdir, "ctx", "contextualizer")
+    contextualizer = os.path.join(plan.workdir, CONTEXTUALIZER_WORKDIR, pretrain_contextualizer.CONTEXTUALIZER_DIR)
     if not os.path.isdir(contextualizer):
         raise FileNotFoundError(f"{contextualizer}: pretrain the contextualizer first (see --help)")
     model = pretrained_lib.load_pretrained(plan.model_dir)
@@ -224,25 +227,23 @@ def export(plan: Plan, out: str) -> None:
     print(f"wrote the embedded default to {out}")
 
 
-def _options(cls, text: str):
-    """``steps=100,batch_size=8`` -> cls(steps=100, batch_size=8), types from the defaults."""
+def _pairs(option: str, text: str) -> tuple[tuple[str, str], ...]:
+    """``steps=100,batch_size=8`` -> (("steps", "100"), ("batch_size", "8")): a stage option's value."""
+    pairs = tuple(item.partition("=") for item in filter(None, text.split(",")))
+    if any(not equals for _, equals, _ in pairs):
+        raise SystemExit(f"--{option}={text!r}: give key=value pairs separated by commas")
+    return tuple((key, value) for key, _, value in pairs)
+
+
+def _options(cls, option: str, text: str):
+    """``--vae steps=100,batch_size=8`` -> cls(steps=100, batch_size=8), types from the defaults."""
+    fields = {f.name for f in dataclasses.fields(cls)}
     values = {}
-    for item in filter(None, text.split(",")):
-        key, _, value = item.partition("=")
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in _pairs(option, text):
         if key not in fields:
             raise SystemExit(f"unknown option {key!r}; {cls.__module__} options are {sorted(fields)}")
         values[key] = type(getattr(cls(), key))(value)
     return cls(**values)
-
-
-def _overrides(text: str) -> tuple[tuple[str, str], ...]:
-    """``max_steps=100,batch_size=8`` -> (("max_steps", "100"), ("batch_size", "8")), checked when the
-    stage loads its config (the same errors as mlmjax.train's command line)."""
-    pairs = tuple(tuple(item.split("=", 1)) for item in filter(None, text.split(",")))
-    if any(len(pair) != 2 for pair in pairs):
-        raise SystemExit(f"--contextualizer={text!r}: give key=value pairs separated by commas")
-    return pairs
 
 
 def _use_cpu_devices(count: int) -> None:
@@ -277,8 +278,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"--stages: unknown stage(s) {unknown}; choose from {STAGES}")
     plan = Plan(os.path.abspath(args.workdir), args.corpus_size, args.captions, args.check_prompts,
-                _options(pretrain_vae.Options, args.vae), _options(pretrain_text.Options, args.text),
-                _options(pretrain_unet.Options, args.unet), _overrides(args.contextualizer))
+                _options(pretrain_vae.Options, "vae", args.vae), _options(pretrain_text.Options, "text", args.text),
+                _options(pretrain_unet.Options, "unet", args.unet),
+                # Checked when the stage loads its config: the same errors as mlmjax.train's command line.
+                _pairs("contextualizer", args.contextualizer))
     try:
         if args.export:
             export(plan, args.export)
