@@ -101,6 +101,44 @@ def test_max_prompts_spreads_over_caption_types():
     assert experiment_scores.eval_templates(0)[:-1] == eval_prompts("{}")
 
 
+def test_a_lambda_sweep_is_one_mlm_on_run_per_value_and_seed_in_its_own_folder(tmp_path):
+    options = experiment.parse_args(["--workdir", str(tmp_path), "--methods", "ti,dreambooth", "--seeds", "0,1",
+                                     "--mlm_weight", "1e-3, 0.01"])
+    specs = experiment.run_specs(options)
+    assert [spec.name for spec in specs[:6]] == [
+        "ti-mlm_off-s0", "ti-mlm_off-s1", "ti-mlm_0.001-s0", "ti-mlm_0.001-s1", "ti-mlm_0.01-s0", "ti-mlm_0.01-s1"]
+    assert len(specs) == 12 and len({experiment.run_dir(options, spec) for spec in specs}) == 12
+    weights = {spec.name: experiment.run_config(spec, options).mlm.weight for spec in specs}
+    assert weights["ti-mlm_off-s1"] == 0 and weights["dreambooth-mlm_0.01-s0"] == 0.01
+    assert weights["ti-mlm_0.001-s0"] == 1e-3
+    # Without --mlm_weight: one MLM-on arm at each config's λ, in the folders earlier workdirs have.
+    default = experiment.parse_args(["--workdir", str(tmp_path), "--methods", "ti", "--seeds", "0"])
+    (off, on) = experiment.run_specs(default)
+    assert (off.name, on.name) == ("ti-mlm_off-s0", "ti-mlm_on-s0")
+    assert experiment.run_config(on, default).mlm.weight == config_lib.load_method_config("ti", []).mlm.weight
+
+
+def _row(method, mlm, weight, context, concept, seeds=3):
+    stat = lambda mean: {"mean": mean, "std": 0.01, "n": seeds}  # noqa: E731
+    return {"method": method, "mlm": mlm, "mlm_weight": [weight], "learning_rate": [1e-3], "seeds": seeds,
+            "steps": [10], "heldout": {"context_fidelity": stat(context), "is_concept": stat(concept),
+                                       "concept_probability": stat(concept)}}
+
+
+def test_lambda_plot_is_drawn_for_a_sweep_only(tmp_path):
+    from PIL import Image
+
+    path = str(tmp_path / experiment_scores.LAMBDA_PLOT)
+    plain = [_row("ti", "off", 0.0, 0.35, 0.46), _row("ti", "on", 1e-5, 0.34, 0.45)]
+    assert not experiment_scores.lambda_plot(plain, path) and not os.path.exists(path)
+    swept = plain + [_row("ti", "on", 1e-3, 0.33, 0.40), _row("xti", "on", 1e-3, 0.37, 0.5),
+                     _row("xti", "on", 1e-1, 0.36, 0.3)]  # xti without an MLM-off row still gets a line
+    assert set(experiment_scores._sweeps(swept)) == {"ti", "xti"}
+    assert experiment_scores.lambda_plot(swept, path)
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (1000, 380)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--methods", "ti,foo"], "--methods='ti,foo': unknown method foo"),
     (["--methods", ""], "--methods='': no method given"),
@@ -110,6 +148,10 @@ def test_max_prompts_spreads_over_caption_types():
     (["--steps", "-3"], "--steps=-3"),
     (["--images_per_prompt", "0"], "--images_per_prompt=0"),
     (["--mlm", "maybe"], "--mlm=maybe"),
+    (["--mlm_weight", "1e-3,big"], "--mlm_weight=1e-3,big: must be comma-separated numbers"),
+    (["--mlm_weight", "1e-3,0"], "--mlm_weight=1e-3,0: give distinct positive values"),
+    (["--mlm_weight", "1e-3,0.001"], "give distinct positive values"),
+    (["--mlm", "off", "--mlm_weight", "1e-3"], "λ is for MLM-on runs; add on to --mlm"),
     (["--set", "ti.learning_rate"], "--set ti.learning_rate: write METHOD.KEY=VALUE"),
     (["--methods", "ti", "--set", "xti.learning_rate=1e-3"], "'xti' is not one of --methods (ti)"),
     (["--set", "ti.learning_rat=1e-3"], "learning_rat: " + os.path.join(config_lib.CONFIGS_DIR, "ti.py")

@@ -3,12 +3,14 @@ r"""The world experiment: does MLM help each baseline keep the asked context on 
     python -m mlmjax.world.experiment --workdir /tmp/world-exp
     python -m mlmjax.world.experiment --workdir /tmp/world-exp --methods ti,xti --seeds 0,1,2 --steps 500 \
         --images_per_prompt 4 --mlm_weight 1e-3 --set dreambooth.learning_rate=1e-4
+    python -m mlmjax.world.experiment --workdir /tmp/world-lambda --methods ti --mlm_weight 1e-3,1e-2,1e-1
 
 For every (method, MLM off/on, seed) it trains one customization of the embedded default model
-(``mlmjax.train.train``; MLM off: ``mlm.weight = 0``, on: the method config's λ or ``--mlm_weight``; the
-seed goes into ``config.seed``; ``--set METHOD.KEY=VALUE`` changes one field of one method's config, e.g.
-a learning rate sized for the tiny model rather than Stable Diffusion) in
-``DIR/runs/<method>-mlm_<off|on>-s<seed>``, then samples
+(``mlmjax.train.train``; MLM off: ``mlm.weight = 0``, on: the method config's λ; the seed goes into
+``config.seed``; ``--set METHOD.KEY=VALUE`` changes one field of one method's config, e.g. a learning
+rate sized for the tiny model rather than Stable Diffusion) in ``DIR/runs/<method>-mlm_<off|on>-s<seed>``.
+``--mlm_weight`` replaces the config's λ by one or more values, a λ sweep: one MLM-on run per value
+and seed, in ``DIR/runs/<method>-mlm_<λ>-s<seed>``, one table row per value. Each run then samples
 ``--images_per_prompt`` images for each held-out world prompt (``captions.eval_prompts``, filled with the
 run's concept phrase) plus the concept photos' own context ("{} on the kitchen table", a sanity check
 that the concept was learned), and scores every image with the world evaluator against the scene the
@@ -55,7 +57,7 @@ class Options:
     mlm: tuple[str, ...] = MLM_SETTINGS
     steps: int | None = None  # None: each method config's max_steps
     images_per_prompt: int = 4
-    mlm_weight: float | None = None  # None: each method config's λ
+    mlm_weights: tuple[float, ...] = ()  # the MLM-on runs' λ values; (): each method config's λ
     max_prompts: int = 0  # 0: every held-out prompt
     prior_images: int = 8
     sampler_steps: int = quality.NUM_STEPS  # the world model's own sampler (DDIM)
@@ -72,10 +74,17 @@ class RunSpec:
     method: str
     mlm: str  # "off" or "on"
     seed: int
+    mlm_weight: float | None = None  # an MLM-on run's λ from --mlm_weight; None: the method config's
+
+    @property
+    def arm(self) -> tuple[str, str, float | None]:
+        """What the run tests, without the seed: the table's row and the comparison grid's."""
+        return self.method, self.mlm, self.mlm_weight
 
     @property
     def name(self) -> str:
-        return f"{self.method}-mlm_{self.mlm}-s{self.seed}"
+        setting = self.mlm if self.mlm_weight is None else f"{self.mlm_weight:g}"
+        return f"{self.method}-mlm_{setting}-s{self.seed}"
 
 
 # --- the command line --------------------------------------------------------------------------------
@@ -104,7 +113,9 @@ def parse_args(argv: Sequence[str]) -> Options:
     parser.add_argument("--steps", type=int, help="training steps per run (default: each config's max_steps)")
     parser.add_argument("--images_per_prompt", type=int, default=Options.images_per_prompt,
                         help="images sampled per eval prompt")
-    parser.add_argument("--mlm_weight", type=float, help="λ of the MLM-on runs (default: each config's)")
+    parser.add_argument("--mlm_weight", default="",
+                        help="λ of the MLM-on runs, or several comma-separated for a λ sweep (default: each "
+                             "config's)")
     parser.add_argument("--max_prompts", type=int, default=Options.max_prompts,
                         help="score only this many held-out prompts, spread over the caption types (0: all)")
     parser.add_argument("--prior_images", type=int, default=Options.prior_images,
@@ -134,10 +145,17 @@ def parse_args(argv: Sequence[str]) -> Options:
         _positive(flag, getattr(args, flag))
     if args.max_prompts < 0:
         runtime.fail(f"--max_prompts={args.max_prompts}: must be 0 (all) or a positive integer")
-    if args.mlm_weight is not None and not args.mlm_weight > 0:
-        runtime.fail(f"--mlm_weight={args.mlm_weight}: must be positive (the MLM-off runs already use 0)")
+    try:
+        mlm_weights = tuple(float(w) for w in _split(args.mlm_weight))
+    except ValueError:
+        runtime.fail(f"--mlm_weight={args.mlm_weight}: must be comma-separated numbers, e.g. 1e-3,1e-2")
+    if not all(w > 0 for w in mlm_weights) or len(set(mlm_weights)) != len(mlm_weights):
+        runtime.fail(f"--mlm_weight={args.mlm_weight}: give distinct positive values (the MLM-off runs already "
+                     "use 0)")
+    if mlm_weights and "on" not in mlm:
+        runtime.fail(f"--mlm_weight={args.mlm_weight} with --mlm={args.mlm}: λ is for MLM-on runs; add on to --mlm")
     options = Options(workdir=args.workdir, methods=methods, seeds=seeds, mlm=mlm, steps=args.steps,
-                      images_per_prompt=args.images_per_prompt, mlm_weight=args.mlm_weight,
+                      images_per_prompt=args.images_per_prompt, mlm_weights=mlm_weights,
                       max_prompts=args.max_prompts, prior_images=args.prior_images,
                       sampler_steps=args.sampler_steps, guidance=args.guidance, grid_prompts=args.grid_prompts,
                       overrides=_parse_overrides(args.set, methods))
@@ -170,8 +188,15 @@ def _parse_overrides(items: Sequence[str], methods: Sequence[str]) -> dict[str, 
 
 # --- one run -----------------------------------------------------------------------------------------
 
+def _arms(options: Options) -> list[tuple[str, float | None]]:
+    """(MLM setting, λ) in table order: off, then on at each --mlm_weight (or at the config's λ)."""
+    return [(mlm, weight) for mlm in options.mlm
+            for weight in ((options.mlm_weights or (None,)) if mlm == "on" else (None,))]
+
+
 def run_specs(options: Options) -> list[RunSpec]:
-    return [RunSpec(m, mlm, s) for m in options.methods for mlm in options.mlm for s in options.seeds]
+    return [RunSpec(m, mlm, s, weight) for m in options.methods for mlm, weight in _arms(options)
+            for s in options.seeds]
 
 
 def run_config(spec: RunSpec, options: Options) -> ml_collections.ConfigDict:
@@ -185,7 +210,7 @@ def run_config(spec: RunSpec, options: Options) -> ml_collections.ConfigDict:
         settings.append(("max_steps", str(options.steps)))
     # --set comes last, so it wins over the flags (a later override of the same key does).
     config = config_lib.load_method_config(spec.method, [*settings, *options.overrides.get(spec.method, ())])
-    config.mlm.weight = 0.0 if spec.mlm == "off" else (options.mlm_weight or config.mlm.weight)
+    config.mlm.weight = 0.0 if spec.mlm == "off" else (spec.mlm_weight or config.mlm.weight)
     config.checkpoint.every = min(config.checkpoint.every, config.max_steps)
     return config
 

@@ -4,7 +4,7 @@ A run is scored on the held-out world prompts (``captions.eval_prompts``) and, l
 photos' own context ("{} on the kitchen table"): every image is read back by the world evaluator
 against the scene its prompt asks for (``captions.scene_from_prompt``).
 
-Table rows: method × MLM off/on; each number is the mean ± standard deviation over seeds of the runs'
+Table rows: method × MLM off/on (on at each λ of a sweep); each number is the mean ± standard deviation over seeds of the runs'
 means over the held-out prompts' images (``seeds``: how many runs). A second table lists every run's
 numbers on the training context, where a learned concept should be drawn and recognised: if
 ``is_concept`` is low there too, the held-out numbers say nothing about MLM.
@@ -31,6 +31,7 @@ IMAGES_DIR = "eval_images"
 GRID_FILE = "grid.png"
 RESULTS_MD, RESULTS_JSON = "results.md", "results.json"
 COMPARISON_GRID = "comparison.png"
+LAMBDA_PLOT = "lambda.png"  # written when a method ran MLM at several λ (a sweep)
 # One sampler and noise seed for every run: differences between runs come from training alone.
 SCHEDULER = "ddim"
 SAMPLING_SEED = 0
@@ -123,18 +124,22 @@ def _mean_std(values: list[float]) -> dict:
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
 
 
-def table_rows(options: Options, all_scores: Mapping[RunSpec, dict]) -> list[dict]:
-    """One row per (method, MLM) in the order asked: each metric's mean ± std over the seeds' runs."""
+def _arms(specs: Sequence[RunSpec]) -> list[tuple]:
+    """The runs' arms (method, MLM, λ) in the order the runs were asked for, each once."""
+    return list(dict.fromkeys(spec.arm for spec in specs))
+
+
+def table_rows(all_scores: Mapping[RunSpec, dict]) -> list[dict]:
+    """One row per arm (method, MLM, λ) in the order asked: each metric's mean ± std over the seeds' runs."""
     rows = []
-    for method in options.methods:
-        for mlm in options.mlm:
-            runs = [scores for spec, scores in all_scores.items() if (spec.method, spec.mlm) == (method, mlm)]
-            row = {"method": method, "mlm": mlm, "mlm_weight": sorted({r["mlm_weight"] for r in runs}),
-                   "learning_rate": sorted({r["learning_rate"] for r in runs}),
-                   "seeds": len(runs), "steps": sorted({r["steps"] for r in runs})}
-            for part in ("heldout", "training_context"):
-                row[part] = {name: _mean_std([r[part][name] for r in runs]) for name in TABLE_METRICS}
-            rows.append(row)
+    for arm in _arms(list(all_scores)):
+        runs = [scores for spec, scores in all_scores.items() if spec.arm == arm]
+        row = {"method": arm[0], "mlm": arm[1], "mlm_weight": sorted({r["mlm_weight"] for r in runs}),
+               "learning_rate": sorted({r["learning_rate"] for r in runs}),
+               "seeds": len(runs), "steps": sorted({r["steps"] for r in runs})}
+        for part in ("heldout", "training_context"):
+            row[part] = {name: _mean_std([r[part][name] for r in runs]) for name in TABLE_METRICS}
+        rows.append(row)
     return rows
 
 
@@ -177,25 +182,68 @@ def _first_image(run_dir: str, prompt: int) -> np.ndarray:
 
 
 def comparison_grid(options: Options, run_dirs: Mapping[RunSpec, str], path: str) -> None:
-    """Rows: method × MLM (the first seed's run); columns: the same few held-out prompts and the
+    """Rows: the table's (the first seed's run of each arm); columns: the same few held-out prompts and the
     training context, image 0 of each, so every cell of a column had the same sampling noise."""
     columns = grid_prompts(len(eval_templates(options.max_prompts)), options.grid_prompts)
-    rows = []
-    for method in options.methods:
-        for mlm in options.mlm:
-            spec = next(s for s in run_dirs if (s.method, s.mlm) == (method, mlm))
-            rows.append([_first_image(run_dirs[spec], p) for p in columns])
-    save_grid(np.array(rows), path)
+    first_runs = {}
+    for spec in run_dirs:
+        first_runs.setdefault(spec.arm, run_dirs[spec])
+    save_grid(np.array([[_first_image(run, p) for p in columns] for run in first_runs.values()]), path)
+
+
+def _sweeps(rows: list[dict]) -> dict[str, tuple[dict | None, list[dict]]]:
+    """Per method that ran MLM at two or more λ: (its MLM-off row or None, its MLM-on rows by λ)."""
+    sweeps = {}
+    for method in dict.fromkeys(row["method"] for row in rows):
+        on = sorted((r for r in rows if r["method"] == method and r["mlm"] == "on"), key=lambda r: r["mlm_weight"])
+        if len({w for r in on for w in r["mlm_weight"]}) >= 2:
+            off = next((r for r in rows if r["method"] == method and r["mlm"] == "off"), None)
+            sweeps[method] = (off, on)
+    return sweeps
+
+
+def lambda_plot(rows: list[dict], path: str) -> bool:
+    """Held-out context fidelity and is_concept against λ (log axis), one line per swept method with
+    its seeds' spread, MLM off as a dashed level with its band; writes ``path`` (PNG) and returns True
+    if some method was swept, else writes nothing."""
+    sweeps = _sweeps(rows)
+    if not sweeps:
+        return False
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(10, 3.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    for ax, name in zip(figure.subplots(1, 2), ("context_fidelity", "is_concept")):
+        for index, (method, (off, on)) in enumerate(sweeps.items()):
+            color = f"C{index}"
+            weights = [r["mlm_weight"][0] for r in on]
+            means = np.array([r["heldout"][name]["mean"] for r in on])
+            stds = np.array([r["heldout"][name]["std"] for r in on])
+            ax.errorbar(weights, means, yerr=stds, color=color, marker="o", capsize=3, label=method)
+            if off is not None:
+                level, band = off["heldout"][name]["mean"], off["heldout"][name]["std"]
+                ax.axhline(level, color=color, linestyle="--", linewidth=1)
+                ax.axhspan(level - band, level + band, color=color, alpha=0.1)
+        ax.set(xscale="log", xlabel="MLM weight λ", ylabel=name.replace("_", " "),
+               title=f"held-out {name.replace('_', ' ')} (dashed: MLM off)")
+        ax.grid(alpha=0.3)
+    figure.axes[0].legend(fontsize="small")
+    with files.atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
+    return True
 
 
 def report(options: Options, all_scores: Mapping[RunSpec, dict], run_dirs: Mapping[RunSpec, str]) -> dict:
-    """Writes ``results.md``, ``results.json`` and ``comparison.png`` into the workdir, prints the table."""
-    rows = table_rows(options, all_scores)
+    """Writes ``results.md``, ``results.json`` and ``comparison.png`` (and for a λ sweep ``lambda.png``)
+    into the workdir, prints the table."""
+    rows = table_rows(all_scores)
     text = markdown(rows, all_scores, options)
     results = {"rows": rows, "runs": {spec.name: {k: v for k, v in scores.items() if k != "prompts"}
                                       for spec, scores in all_scores.items()}}
     files.write_json_atomic(os.path.join(options.workdir, RESULTS_JSON), results)
     files.write_text_atomic(os.path.join(options.workdir, RESULTS_MD), text)
     comparison_grid(options, run_dirs, os.path.join(options.workdir, COMPARISON_GRID))
+    lambda_plot(rows, os.path.join(options.workdir, LAMBDA_PLOT))
     print(text, flush=True)
     return results
