@@ -21,6 +21,7 @@ import optax
 from mlmjax import config as config_lib
 from mlmjax import data as data_lib
 from mlmjax import mlm
+from mlmjax import optimizer as optimizer_lib
 from mlmjax import sharding
 from mlmjax import tokenizer as tokenizer_lib
 from mlmjax import trainable
@@ -95,8 +96,7 @@ def _adamw(learning_rate: float, b1: float, b2: float, eps: float, weight_decay:
            grad_clip: float) -> optax.GradientTransformation:
     # Cached: the transformation is a static part of the train state, compared by identity in jit's
     # cache, so equal hyperparameters must give the same object for runs to share one executable.
-    adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
+    return optimizer_lib.adamw(learning_rate, b1, b2, eps, weight_decay, grad_clip)
 
 
 def _check_trainable(label_tree: dict) -> None:

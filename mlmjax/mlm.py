@@ -169,6 +169,14 @@ def gather_masked(features: jax.Array, mask: jax.Array, max_masked: int) -> tupl
 # sum (the log-sum-exp of "online softmax"); the backward pass recomputes each chunk's logits instead
 # of storing them. A loop, not an unrolled chain, keeps one chunk live at a time; XLA's cost analysis
 # counts a loop body once, so FLOP counts come from ``chunk=None`` (see mlmjax.bench_cases).
+#
+# At customization the projection is frozen and only the features get a gradient,
+#     d CE / d features = softmax(logits) @ kernel.T - kernel[:, label].T,
+# an "attention" of the features over the vocabulary (queries: features, keys and values: the kernel's
+# columns). The forward pass folds it into the same loop, rescaled with the running max exactly as the
+# sum is (flash attention's forward), so a step makes one pass of two products per chunk instead of a
+# forward pass and a backward pass that recomputes the logits. Which path runs is known when the loss
+# is differentiated: ``perturbed`` says whether the kernel and bias take part (jax's symbolic zeros).
 DEFAULT_VOCAB_CHUNK = 4096  # 13 chunks of CLIP's vocabulary; 2048 and 8192 were slower on a 2-core CPU
 
 
@@ -190,41 +198,77 @@ def _chunk_logits(features, kernel, bias, start, index, chunk):
     return jnp.where(fresh, logits, -jnp.inf), jnp.where(fresh, columns, -1), w
 
 
-def _chunked_statistics(features, kernel, bias, labels, chunk):
-    """Running (max, sum of exp, label logit) over the chunks: log-sum-exp = max + log(sum)."""
+def _chunked_statistics(features, kernel, bias, labels, chunk, expectation=False):
+    """Running (max, sum of exp, label logit) over the chunks: log-sum-exp = max + log(sum).
+
+    With ``expectation``, also the softmax-weighted mean of the kernel's columns, ``softmax @ kernel.T``
+    ``[N, D]`` float32 (None without)."""
     rows = features.shape[0]
 
     def fold(carry, xs):
-        running_max, running_sum, label_logit = carry
+        running_max, running_sum, label_logit, weighted = carry
         start, index = xs
-        logits, columns, _ = _chunk_logits(features, kernel, bias, start, index, chunk)
+        logits, columns, w = _chunk_logits(features, kernel, bias, start, index, chunk)
         new_max = jnp.maximum(running_max, logits.max(axis=-1))
-        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(logits - new_max[:, None]).sum(-1)
+        rescale = jnp.exp(running_max - new_max)
+        unnormalized = jnp.exp(logits - new_max[:, None])
+        running_sum = running_sum * rescale + unnormalized.sum(-1)
+        if expectation:
+            weighted = weighted * rescale[:, None] + jnp.dot(
+                unnormalized.astype(features.dtype), w.T, preferred_element_type=jnp.float32)
         hit = columns[None, :] == labels[:, None]
         label_logit = label_logit + jnp.where(hit, logits, 0.0).sum(-1)
-        return (new_max, running_sum, label_logit), None
+        return (new_max, running_sum, label_logit, weighted), None
 
     starts = _chunk_starts(kernel.shape[1], chunk)
     zeros = jnp.zeros((rows,), jnp.float32)
-    (maximum, total, label_logit), _ = jax.lax.scan(
-        fold, (jnp.full((rows,), -jnp.inf), zeros, zeros), (starts, jnp.arange(starts.shape[0])))
-    return maximum + jnp.log(total), label_logit, maximum
+    weighted = jnp.zeros(features.shape, jnp.float32) if expectation else None
+    (maximum, total, label_logit, weighted), _ = jax.lax.scan(
+        fold, (jnp.full((rows,), -jnp.inf), zeros, zeros, weighted), (starts, jnp.arange(starts.shape[0])))
+    return maximum + jnp.log(total), label_logit, maximum, (weighted / total[:, None] if expectation else None)
+
+
+class _FeatureGradient(NamedTuple):
+    """Residual of a frozen projection: d CE / d features per unit of cotangent, ``[N, D]``, features' dtype."""
+    per_unit: jax.Array
+
+
+class _Inputs(NamedTuple):
+    """Residual of a trained projection: what the backward pass recomputes each chunk's logits from."""
+    features: jax.Array
+    kernel: jax.Array
+    bias: jax.Array
+    labels: jax.Array
+    log_normalizer: jax.Array
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _chunked_cross_entropy(features, kernel, bias, labels, chunk):
-    return _chunked_forward(features, kernel, bias, labels, chunk)[0]
+    log_normalizer, label_logit, maximum, _ = _chunked_statistics(features, kernel, bias, labels, chunk)
+    return log_normalizer - label_logit, label_logit >= maximum
 
 
 def _chunked_forward(features, kernel, bias, labels, chunk):
-    log_normalizer, label_logit, maximum = _chunked_statistics(features, kernel, bias, labels, chunk)
+    """The forward rule (symbolic zeros: each argument comes with ``perturbed``, whether it is differentiated)."""
+    frozen = not (kernel.perturbed or bias.perturbed)
+    features, kernel, bias, labels = features.value, kernel.value, bias.value, labels.value
+    log_normalizer, label_logit, maximum, expected = _chunked_statistics(
+        features, kernel, bias, labels, chunk, expectation=frozen)
     outputs = (log_normalizer - label_logit, label_logit >= maximum)
-    return outputs, (features, kernel, bias, labels, log_normalizer)
+    if frozen:
+        label_columns = jnp.take(kernel, labels, axis=1).T.astype(jnp.float32)  # [N, D]
+        return outputs, _FeatureGradient((expected - label_columns).astype(features.dtype))
+    return outputs, _Inputs(features, kernel, bias, labels, log_normalizer)
 
 
 def _chunked_backward(chunk, residuals, cotangents):
+    ce_cotangent = cotangents[0]
+    if isinstance(residuals, _FeatureGradient):
+        per_unit = residuals.per_unit
+        d_features = per_unit.astype(jnp.float32) * _dense(ce_cotangent, per_unit.shape[:1])[:, None]
+        return d_features.astype(per_unit.dtype), None, None, None
     features, kernel, bias, labels, log_normalizer = residuals
-    ce_cotangent = cotangents[0].astype(jnp.float32)
+    ce_cotangent = _dense(ce_cotangent, labels.shape)
 
     def accumulate(carry, xs):
         d_features, d_kernel, d_bias = carry
@@ -250,7 +294,14 @@ def _chunked_backward(chunk, residuals, cotangents):
             np.zeros(labels.shape, jax.dtypes.float0))
 
 
-_chunked_cross_entropy.defvjp(_chunked_forward, _chunked_backward)
+def _dense(cotangent, shape) -> jax.Array:
+    """A float32 cotangent, zeros for a symbolic zero (an output nothing was differentiated through)."""
+    if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
+        return jnp.zeros(shape, jnp.float32)
+    return cotangent.astype(jnp.float32)
+
+
+_chunked_cross_entropy.defvjp(_chunked_forward, _chunked_backward, symbolic_zeros=True)
 
 
 def vocabulary_cross_entropy(features: jax.Array, kernel: jax.Array, bias: jax.Array, labels: jax.Array,

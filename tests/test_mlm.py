@@ -168,10 +168,12 @@ def test_customization_loss_without_masked_tokens_is_zero_with_finite_gradient()
         assert np.all(np.asarray(grad) == 0)
 
 
+@pytest.mark.parametrize("argnums", [(0, 1, 2), (0,)], ids=["trained_projection", "frozen_projection"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_chunked_cross_entropy_equals_the_plain_one_with_gradients(dtype):
+def test_chunked_cross_entropy_equals_the_plain_one_with_gradients(dtype, argnums):
     """Every chunk width, including ones that leave a short last chunk, gives the plain product's
-    cross-entropy, top-1 hits and gradients into the features, the kernel and the bias."""
+    cross-entropy, top-1 hits and gradients into the features, the kernel and the bias (pretraining),
+    or into the features alone (customization, whose one-pass forward rule computes them)."""
     rng = np.random.default_rng(0)
     rows, width, vocab = 9, 8, 50
     features = jnp.asarray(rng.standard_normal((rows, width)), dtype)
@@ -186,7 +188,7 @@ def test_chunked_cross_entropy_equals_the_plain_one_with_gradients(dtype):
         cross_entropy, is_top = mlm.vocabulary_cross_entropy(features, kernel, bias, labels, chunk)
         return (weights * cross_entropy).sum(), (cross_entropy, is_top)
 
-    grad = jax.jit(jax.grad(weighted, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    grad = jax.jit(jax.grad(weighted, argnums=argnums, has_aux=True), static_argnums=3)
     (plain_grads, (plain_ce, plain_top)) = grad(features, kernel, bias, None)
     assert int(plain_top.sum()) >= 1  # the test must see a hit
     tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
@@ -198,6 +200,32 @@ def test_chunked_cross_entropy_equals_the_plain_one_with_gradients(dtype):
             assert got.dtype == want.dtype
             scale = float(jnp.abs(want.astype(jnp.float32)).max())
             assert float(jnp.abs((got - want).astype(jnp.float32)).max()) <= tolerance * scale
+
+
+def _loops(jaxpr) -> int:
+    """How many scans a jaxpr runs, its sub-jaxprs' included."""
+    count = 0
+    for equation in jaxpr.eqns:
+        count += equation.primitive.name == "scan"
+        for value in equation.params.values():
+            inner = getattr(value, "jaxpr", None)
+            count += _loops(getattr(inner, "jaxpr", inner)) if inner is not None else 0
+    return count
+
+
+def test_a_frozen_projection_makes_one_pass_over_the_vocabulary():
+    """Differentiated through the features only, the gradient comes out of the forward loop; a trained
+    projection needs a second loop that recomputes the logits (its kernel and bias gradients)."""
+    rng = np.random.default_rng(1)
+    features = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
+    kernel, bias = jnp.asarray(rng.standard_normal((8, 50)), jnp.float32), jnp.zeros(50)
+    labels = jnp.arange(4)
+
+    def loss(features, kernel, bias):
+        return mlm.vocabulary_cross_entropy(features, kernel, bias, labels, chunk=16)[0].sum()
+
+    assert _loops(jax.make_jaxpr(jax.grad(loss))(features, kernel, bias).jaxpr) == 1
+    assert _loops(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(features, kernel, bias).jaxpr) == 2
 
 
 def pretraining_case():

@@ -34,8 +34,13 @@ def _attend(q, k, v, mask, upcast: bool):
                         preferred_element_type=jnp.float32)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    # softmax(scores)·v with the normalisation applied to the [.., Lq, D] output rather than to the
+    # [.., Lq, Lk] scores: one pass less over the largest tensor each way, which is a fifth of the
+    # attention's time on a CPU at small widths (the contextualizer's and CLIP's 77 tokens). The max is
+    # only a shift that cancels, so it needs no gradient.
+    weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / jnp.moveaxis(weights.sum(axis=-1), 1, 2)[..., None]).astype(v.dtype)
 
 
 def dot_product_attention(
