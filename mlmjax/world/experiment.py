@@ -19,8 +19,8 @@ prompt asks for (``captions.scene_from_prompt``). Per run: ``scores.json`` and `
 Rerunning the command continues where it stopped: a run whose ``scores.json`` exists is neither
 retrained nor rescored, a trained run is only scored, an interrupted one resumes from its checkpoint.
 Sampling uses one fixed seed for every run, so the same seeds give the same table. Scoring, the table
-(``DIR/results.md``, ``DIR/results.json``) and the grids (``DIR/comparison.png``, each run's ``grid.png``)
-are ``experiment_scores``'.
+(``DIR/results.md``, ``DIR/results.json``), the grids (``DIR/comparison.png``, each run's ``grid.png``)
+and, for a λ sweep, ``DIR/lambda.png`` are ``experiment_scores``'.
 """
 
 from __future__ import annotations
