@@ -17,7 +17,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
 
 def adamw(learning_rate: float, b1: float, b2: float, eps: float, weight_decay: float,
@@ -35,7 +34,7 @@ def adamw(learning_rate: float, b1: float, b2: float, eps: float, weight_decay: 
         if params is None:
             raise ValueError("AdamW's weight decay needs the parameters: call update(grads, state, params)")
         adam_state = state[1][0] if grad_clip else state[0]
-        count = numerics.safe_increment(adam_state.count)
+        count = optax.safe_increment(adam_state.count)
         mu_correction, nu_correction = 1 - b1**count, 1 - b2**count
         if grad_clip:  # one scalar factor, exactly 1 when the clip does not trigger
             norm = optax.tree.norm(grads)

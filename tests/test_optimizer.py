@@ -52,7 +52,6 @@ def test_update_without_parameters_is_a_clear_error():
         fused.update(params, fused.init(params))
 
 
-
 def test_dreambooths_step_holds_no_clipped_copy_of_its_gradients(tmp_path):
     """DreamBooth (grad_clip 1) on the tiny model: with optax's chain XLA writes every clipped
     gradient out beside the raw one (it does not repeat a division in both moments' updates), about

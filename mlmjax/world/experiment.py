@@ -188,14 +188,14 @@ def _parse_overrides(items: Sequence[str], methods: Sequence[str]) -> dict[str, 
 
 # --- one run -----------------------------------------------------------------------------------------
 
-def _arms(options: Options) -> list[tuple[str, float | None]]:
+def _mlm_settings(options: Options) -> list[tuple[str, float | None]]:
     """(MLM setting, λ) in table order: off, then on at each --mlm_weight (or at the config's λ)."""
     return [(mlm, weight) for mlm in options.mlm
             for weight in ((options.mlm_weights or (None,)) if mlm == "on" else (None,))]
 
 
 def run_specs(options: Options) -> list[RunSpec]:
-    return [RunSpec(m, mlm, s, weight) for m in options.methods for mlm, weight in _arms(options)
+    return [RunSpec(m, mlm, s, weight) for m in options.methods for mlm, weight in _mlm_settings(options)
             for s in options.seeds]
 
 
