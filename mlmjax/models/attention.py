@@ -2,8 +2,9 @@
 
 At 512 px the UNet's first self-attention compares 4096 queries with 4096 keys per head; holding all
 scores (and keeping them for the backward pass) cost the old diffusers Flax UNet tens of GB. Here the
-queries are processed in chunks under ``jax.checkpoint``, so the forward pass holds one chunk of scores
-at a time and the backward pass recomputes them chunk by chunk.
+queries are processed in chunks, so the forward pass holds one chunk of scores at a time and keeps only
+the output and each query's log-normaliser; the backward pass makes each chunk's scores again and
+takes its gradients from those (FlashAttention's backward pass, chunked over queries only).
 """
 
 from __future__ import annotations
@@ -13,10 +14,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# Score-matrix entries (queries × keys) above which queries are chunked; per batch element and head.
-# 2^18 chunks SD 1.5's 1024-token self-attention too (2^20 left it whole: its scores, kept for the
-# backward pass, held 1.3 GB of an SD 1.5 TI step at batch 4) and 4096-token queries by 64.
+# Score-matrix entries (queries × keys, per batch element and head) above which the scores are made
+# chunk by chunk under ``jax.checkpoint`` (so the backward pass recomputes them instead of keeping them):
+# 2^18 covers SD 1.5's 1024-token self-attention, whose kept scores held 1.3 GB of an SD 1.5 TI step
+# at batch 4.
 DEFAULT_MAX_SCORES = 1 << 18
+# Largest chunk, in the same units. Smaller chunks only add loop iterations: on a 2-core CPU SD 1.5's
+# 4096-token self-attention (8 heads of 40, batch 1) ran forward in 363 ms with 256-query chunks
+# against 419 ms with 64 (and 671 ms before the heads moved ahead of the positions, below).
+DEFAULT_CHUNK_SCORES = 1 << 20
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
@@ -26,21 +32,79 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
     return 1
 
 
-def _attend(q, k, v, mask, upcast: bool):
-    scale = q.shape[-1] ** -0.5
+def _scores(q, k, mask, upcast: bool) -> jax.Array:
+    """Scaled, masked scores ``[B, H, Lq, Lk]`` in float32 from heads-first q ``[B, H, Lq, D]``, k ``[B, H, Lk, D]``."""
     if upcast:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k,
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k,
                         preferred_element_type=jnp.float32)
-    if mask is not None:
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    # softmax(scores)·v with the normalisation applied to the [.., Lq, D] output rather than to the
-    # [.., Lq, Lk] scores: one pass less over the largest tensor. On a CPU the contextualizer's attention
-    # (25 × 77 tokens, 4 heads of 8) runs forward in 1.6 ms instead of 2.6 (forward and backward: 4.4
-    # instead of 4.6). The max is only a shift that cancels, so it needs no gradient.
-    weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return (out / jnp.moveaxis(weights.sum(axis=-1), 1, 2)[..., None]).astype(v.dtype)
+    return scores if mask is None else jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+
+
+def _softmax_times_values(scores, v):
+    """``(softmax(scores)·v, logsumexp(scores))``, normalising the ``[.., Lq, D]`` output rather than
+    the ``[.., Lq, Lk]`` scores: one pass less over the largest tensor. On a CPU the contextualizer's
+    attention (25 × 77 tokens, 4 heads of 8) runs forward in 1.6 ms instead of 2.6 (forward and
+    backward: 4.4 instead of 4.6). The max is only a shift that cancels, so it needs no gradient."""
+    top = jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True))
+    weights = jnp.exp(scores - top)
+    total = weights.sum(axis=-1, keepdims=True)
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / total).astype(v.dtype), (top + jnp.log(total))[..., 0]
+
+
+def _attend(q, k, v, mask, upcast: bool):
+    """Attention on heads-first arrays: q ``[B, H, Lq, D]``, k/v ``[B, H, Lk, D]`` → ``[B, H, Lq, D]``."""
+    return _softmax_times_values(_scores(q, k, mask, upcast), v)[0]
+
+
+def _chunk(x, index, size, axis):
+    return None if x is None else jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attend_in_chunks(q, k, v, mask, chunk: int, upcast: bool):
+    """:func:`_attend` one chunk of ``chunk`` queries at a time, with FlashAttention's backward pass."""
+    return _attend_in_chunks_forward(q, k, v, mask, chunk, upcast)[0]
+
+
+def _attend_in_chunks_forward(q, k, v, mask, chunk, upcast):
+    def one_chunk(index):
+        return _softmax_times_values(_scores(_chunk(q, index, chunk, 2), k, _chunk(mask, index, chunk, -2), upcast), v)
+
+    out, logsumexp = jax.lax.map(one_chunk, jnp.arange(q.shape[2] // chunk))  # [chunks, B, H, chunk, (D)]
+    out, logsumexp = (jnp.moveaxis(x, 0, 2).reshape(*x.shape[1:3], -1, *x.shape[4:]) for x in (out, logsumexp))
+    return out, (q, k, v, mask, out, logsumexp)
+
+
+def _attend_in_chunks_backward(chunk, upcast, residuals, g):
+    """The gradients from the output and the softmax's log-normaliser alone, chunk by chunk: each chunk's
+    scores are made once more and give its weights directly (``exp(s - logsumexp)``), with no pass for
+    their max or sum and no product with v, which the autodiff of a checkpointed forward pass repeats."""
+    q, k, v, mask, out, logsumexp = residuals
+    scale = q.shape[-1] ** -0.5
+    # d softmax: P ∘ (dP - rowsum(dO ∘ O)), since rowsum(P ∘ dP) = dO · O.
+    g_dot_out = jnp.einsum("bhqd,bhqd->bhq", g, out, preferred_element_type=jnp.float32)
+
+    def one_chunk(carry, index):
+        dk, dv = carry
+        q_c, g_c = _chunk(q, index, chunk, 2), _chunk(g, index, chunk, 2)
+        weights = jnp.exp(_scores(q_c, k, _chunk(mask, index, chunk, -2), upcast)
+                          - _chunk(logsumexp, index, chunk, 2)[..., None])
+        dv = dv + jnp.einsum("bhqk,bhqd->bhkd", weights.astype(g.dtype), g_c, preferred_element_type=jnp.float32)
+        d_weights = jnp.einsum("bhqd,bhkd->bhqk", g_c, v, preferred_element_type=jnp.float32)
+        d_scores = (weights * (d_weights - _chunk(g_dot_out, index, chunk, 2)[..., None])).astype(q.dtype)
+        dq = jnp.einsum("bhqk,bhkd->bhqd", d_scores, k, preferred_element_type=jnp.float32) * scale
+        dk = dk + jnp.einsum("bhqk,bhqd->bhkd", d_scores, q_c, preferred_element_type=jnp.float32) * scale
+        return (dk, dv), dq
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    (dk, dv), dq = jax.lax.scan(one_chunk, (zeros, zeros), jnp.arange(q.shape[2] // chunk))
+    dq = jnp.moveaxis(dq, 0, 2).reshape(q.shape)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attend_in_chunks.defvjp(_attend_in_chunks_forward, _attend_in_chunks_backward)
 
 
 def dot_product_attention(
@@ -51,6 +115,7 @@ def dot_product_attention(
     mask: jax.Array | None = None,
     upcast: bool = False,
     max_scores: int = DEFAULT_MAX_SCORES,
+    chunk_scores: int = DEFAULT_CHUNK_SCORES,
 ) -> jax.Array:
     """softmax(q·kᵀ/√d)·v for q ``[B, Lq, H, D]``, k/v ``[B, Lk, H, D]`` → ``[B, Lq, H, D]``.
 
@@ -58,23 +123,17 @@ def dot_product_attention(
       mask: boolean, broadcastable to ``[B, H, Lq, Lk]``; False entries are excluded.
       upcast: compute the scores in float32 even for bf16/fp16 inputs (SD 2.x ``upcast_attention``).
         The softmax is always float32.
-      max_scores: largest ``Lq × Lk`` block of scores held at once; longer query sequences are split
-        into chunks that are rematerialised in the backward pass.
+      max_scores: largest ``Lq × Lk`` held whole; above it the queries are split into chunks whose
+        scores the backward pass makes again (FlashAttention's backward pass) instead of keeping them.
+      chunk_scores: largest ``chunk × Lk`` of one such chunk.
     """
     q_len, k_len = q.shape[1], k.shape[1]
+    # Heads ahead of positions, once for the whole layer: every chunk's two products then read
+    # contiguous [L, D] blocks instead of transposing k and v again in each of its iterations.
+    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
     if q_len * k_len <= max_scores:
-        return _attend(q, k, v, mask, upcast)
-    chunk = _largest_divisor_at_most(q_len, max(1, max_scores // k_len))
-    num_chunks = q_len // chunk
+        return jnp.swapaxes(_attend(q, k, v, mask, upcast), 1, 2)
+    chunk = _largest_divisor_at_most(q_len, max(1, chunk_scores // k_len))
     if mask is not None:
         mask = jnp.broadcast_to(mask, (*mask.shape[:-2], q_len, k_len))
-
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def one_chunk(index):
-        start = index * chunk
-        q_chunk = jax.lax.dynamic_slice_in_dim(q, start, chunk, axis=1)
-        m_chunk = None if mask is None else jax.lax.dynamic_slice_in_dim(mask, start, chunk, axis=-2)
-        return _attend(q_chunk, k, v, m_chunk, upcast)
-
-    out = jax.lax.map(one_chunk, jnp.arange(num_chunks))  # [chunks, B, chunk, H, D]
-    return jnp.moveaxis(out, 0, 1).reshape(q.shape[0], q_len, *out.shape[3:])
+    return jnp.swapaxes(_attend_in_chunks(q, k, v, mask, chunk, upcast), 1, 2)
