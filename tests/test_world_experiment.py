@@ -118,6 +118,13 @@ def test_a_lambda_sweep_is_one_mlm_on_run_per_value_and_seed_in_its_own_folder(t
     assert experiment.run_config(on, default).mlm.weight == config_lib.load_method_config("ti", []).mlm.weight
 
 
+def test_lambdas_that_print_alike_still_get_their_own_run_folders(tmp_path):
+    options = experiment.parse_args(["--workdir", str(tmp_path), "--methods", "ti", "--seeds", "0", "--mlm", "on",
+                                     "--mlm_weight", "1e-3,1.0000001e-3,2.5e-4,1e-5"])
+    assert [spec.name for spec in experiment.run_specs(options)] == [
+        "ti-mlm_0.001-s0", "ti-mlm_0.0010000001-s0", "ti-mlm_0.00025-s0", "ti-mlm_1e-05-s0"]
+
+
 def _row(method, mlm, weight, context, concept, seeds=3):
     stat = lambda mean: {"mean": mean, "std": 0.01, "n": seeds}  # noqa: E731
     return {"method": method, "mlm": mlm, "mlm_weight": [weight], "learning_rate": [1e-3], "seeds": seeds,

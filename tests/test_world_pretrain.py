@@ -141,6 +141,16 @@ def test_scaling_factor_is_inverse_sample_std():
     assert pretrain_vae.scaling_factor(mean, logvar) == pytest.approx(0.5, rel=0.02)
 
 
+def test_cpu_devices_says_when_jax_has_already_started_with_other_devices(caplog):
+    have = jax.local_device_count()  # this process's JAX has started: the split can no longer change
+    pretrain._use_cpu_devices(have)
+    assert caplog.messages == []
+    pretrain._use_cpu_devices(have + 1)
+    assert caplog.messages == [f"--cpu_devices={have + 1} ignored: JAX had already started with {have} device(s); "
+                               "run the command in a fresh process to split the CPU"]
+    assert jax.local_device_count() == have
+
+
 def test_every_stage_runs_in_one_process_and_exports_the_embedded_default(tmp_path):
     workdir = tmp_path / "world"
     pretrain.main(["--workdir", str(workdir), "--corpus_size", "32", "--captions", "20", "--check_prompts", "2",

@@ -83,8 +83,15 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        setting = self.mlm if self.mlm_weight is None else f"{self.mlm_weight:g}"
+        setting = self.mlm if self.mlm_weight is None else _weight_label(self.mlm_weight)
         return f"{self.method}-mlm_{setting}-s{self.seed}"
+
+
+def _weight_label(weight: float) -> str:
+    """λ as a run folder names it: short (``0.001``, ``1e-05``) where that reads back as the same number,
+    else every digit, so two different values never share a folder (``0.0010000001``)."""
+    short = f"{weight:g}"
+    return short if float(short) == weight else repr(float(weight))
 
 
 # --- the command line --------------------------------------------------------------------------------

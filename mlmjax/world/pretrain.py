@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import shutil
 import time
@@ -247,14 +248,21 @@ def _options(cls, option: str, text: str):
 
 
 def _use_cpu_devices(count: int) -> None:
-    """Splits the CPU into `count` devices for the data-parallel steps (:mod:`mlmjax.world.fitting`);
-    only possible before JAX first touches a device, so a caller that already has (a test) keeps its."""
+    """Splits the CPU into `count` devices for the data-parallel steps (:mod:`mlmjax.world.fitting`).
+
+    Only possible before JAX first touches a device: a caller that already has (a test, a notebook)
+    keeps its devices, and is told so when their number differs, since the batch split (and so the
+    rounding of every step) then differs from the shipped model's."""
     if count < 1:
         raise SystemExit(f"--cpu_devices={count}: give 1 or more")
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:
-        pass
+        have = jax.local_device_count()
+        if have != count:
+            logging.getLogger(__name__).warning(
+                "--cpu_devices=%d ignored: JAX had already started with %d device(s); run the command in a "
+                "fresh process to split the CPU", count, have)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
