@@ -15,9 +15,8 @@ import jax
 import jax.numpy as jnp
 
 # Score-matrix entries (queries × keys, per batch element and head) above which the scores are made
-# chunk by chunk under ``jax.checkpoint`` (so the backward pass recomputes them instead of keeping them):
-# 2^18 covers SD 1.5's 1024-token self-attention, whose kept scores held 1.3 GB of an SD 1.5 TI step
-# at batch 4.
+# chunk by chunk and never kept (the backward pass makes them again): 2^18 covers SD 1.5's 1024-token
+# self-attention, whose kept scores held 1.3 GB of an SD 1.5 TI step at batch 4.
 DEFAULT_MAX_SCORES = 1 << 18
 # Largest chunk, in the same units. Smaller chunks only add loop iterations: on a 2-core CPU SD 1.5's
 # 4096-token self-attention (8 heads of 40, batch 1) ran forward in 363 ms with 256-query chunks
