@@ -145,9 +145,7 @@ def build_state(config: ml_collections.ConfigDict, model: Pretrained, *, context
             raise ValueError(f"{contextualizer_folder}: contextualizer width {contextualizer.config.hidden_size} "
                              f"does not match the text encoder's {text_config.hidden_size}")
         params["mlm"] = {"contextualizer": ctx_params, "mask_embedding": mask_embedding}
-        copies = num_tokens if config.method == "xti" else 1
-        longest = _longest_prompt(_prompt_set(config), tokenizer, mlm_phrase(config))
-        max_masked = mlm.masked_token_bound(config.mlm.batch_size * copies * longest, config.mlm.mask_prob)
+        max_masked = _masked_bound(config, tokenizer, concept_ids, copies=num_tokens if config.method == "xti" else 1)
 
     label_tree = trainable.labels(params, [tuple(rule) for rule in config.trainable])
     _check_trainable(label_tree)
@@ -231,16 +229,27 @@ def mlm_phrase(config: ml_collections.ConfigDict) -> str:
     return config.concept.token
 
 
-def _longest_prompt(prompt_set: prompts_lib.PromptSet, tokenizer, phrase: str) -> int:
-    """Tokens in the longest MLM prompt (longest line and longest prefix; BOS/EOS excluded).
+def _maskable_distribution(config: ml_collections.ConfigDict, tokenizer, concept_ids: list[int]) -> np.ndarray:
+    """``P[n]``: the probability that one MLM prompt of a batch has ``n`` maskable tokens."""
+    protected = protected_tokens(config, tokenizer, concept_ids)
 
-    It bounds the masked tokens of a batch much more tightly than CLIP's 75: the vocabulary
-    projection then runs at ~140 positions instead of ~380 for 25 prompts (they are ≤ 20 tokens).
-    """
-    lines = [line for kind in prompt_set.types for line in prompt_set.all_prompts(kind, phrase)]
-    longest_line = max(len(ids) for ids in tokenizer(lines, add_special_tokens=False).input_ids)
-    longest_prefix = max(len(tokenizer.encode(p.format(""), add_special_tokens=False)) for p in prompt_set.prefixes)
-    return min(longest_line + longest_prefix, tokenizer_lib.MAX_LENGTH - 2)
+    def maskable(texts: list[str]) -> np.ndarray:
+        ids = tokenizer_lib.tokenize(tokenizer, texts)
+        return mlm.maskable_positions(ids, bos_id=tokenizer.bos_token_id, eos_id=tokenizer.eos_token_id,
+                                      protected=protected).sum(axis=1)
+
+    probs = _prompt_set(config).count_distribution(mlm_phrase(config), maskable)
+    most = tokenizer_lib.MAX_LENGTH - 2  # a prefix and its caption together are truncated like any prompt
+    return np.append(probs[:most], probs[most:].sum()) if probs.size > most + 1 else probs
+
+
+def _masked_bound(config: ml_collections.ConfigDict, tokenizer, concept_ids: list[int], copies: int) -> int:
+    """The static number of masked tokens a step's MLM batch holds (see :func:`mlm.masked_token_bound`):
+    about twice the tokens a batch masks on average. The vocabulary projection runs on these rows, so
+    they are taken from every prompt's length, not the longest prompt's: 67 rows instead of 127 for TI's
+    25 prompts."""
+    return mlm.masked_token_bound(_maskable_distribution(config, tokenizer, concept_ids), config.mlm.batch_size,
+                                  config.mlm.mask_prob, copies=copies)
 
 
 def _batch_maker(config, tokenizer, concept_ids, concept_phrase, concept_moments, class_moments, *,

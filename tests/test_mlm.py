@@ -1,5 +1,6 @@
 """Masking (as properties over many draws, with the real CLIP tokenizer) and the MLM losses (by hand)."""
 
+import itertools
 import math
 
 import jax
@@ -127,10 +128,29 @@ def test_masked_token_bound_is_the_binomial_quantile():
     def tail(k):  # P[Binomial(n, p) > k], summed exactly
         return sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k + 1, n + 1))
 
-    bound = mlm.masked_token_bound(n, p, overflow)
+    only = lambda length: np.eye(length + 1)[length]  # every prompt has `length` maskable tokens
+    bound = mlm.masked_token_bound(only(n), 1, p, overflow_prob=overflow)
     assert tail(bound) <= overflow < tail(bound - 1)
-    assert mlm.masked_token_bound(25 * 75, 0.15) == 378
-    assert mlm.masked_token_bound(10, 1e-12) == 1
+    assert mlm.masked_token_bound(only(75), 25, 0.15) == 378  # 25 prompts of CLIP's 75 tokens
+    assert mlm.masked_token_bound(only(75), 5, 0.15, copies=5) == 378  # XTI: copies are more prompts
+    assert mlm.masked_token_bound(only(10), 1, 1e-12) == 1
+
+
+def test_masked_token_bound_of_a_mixture_of_prompt_lengths():
+    """Two prompts, each of 1 or 3 maskable tokens (probability 1/2), each copied twice: the masked
+    count's law enumerated by hand, and the bound is its quantile."""
+    lengths, p = np.array([0, 0.5, 0, 0.5]), 0.3
+    law = np.zeros(13)
+    for first, second in itertools.product((1, 3), repeat=2):
+        tokens = 2 * (first + second)
+        for k in range(tokens + 1):
+            law[k] += 0.25 * math.comb(tokens, k) * p**k * (1 - p) ** (tokens - k)
+    above = [law[k + 1:].sum() for k in range(13)]
+    for overflow in (0.5, 0.1, 1e-3, 1e-6):
+        bound = mlm.masked_token_bound(lengths, 2, p, copies=2, overflow_prob=overflow)
+        assert above[bound] <= overflow < above[bound - 1], overflow
+    with pytest.raises(ValueError, match="probability distribution"):
+        mlm.masked_token_bound([0.5, 0.4], 2, p)
 
 
 def test_gather_masked():

@@ -135,6 +135,22 @@ def test_prefix_applied_only_to_prefixed_types(prompt_set):
     assert used == set(prefixes)
 
 
+def test_count_distribution_is_that_of_every_prompt_written_out(prompt_set):
+    """Words per drawn prompt: the law from lines and prefixes counted apart equals the one from
+    every (type, line, prefix) prompt written out, prefixes only on the prefixed types."""
+    def words(texts):
+        return np.array([len(t.split()) for t in texts])
+
+    expected = np.zeros(80)
+    for kind in prompt_set.types:
+        lines = prompt_set.all_prompts(kind, PHRASE)
+        texts = lines if kind in UNPREFIXED_TYPES else [p.format(line) for line in lines for p in prompt_set.prefixes]
+        expected += np.bincount(words(texts), minlength=80) / len(texts) / len(prompt_set.types)
+    law = prompt_set.count_distribution(PHRASE, words)
+    np.testing.assert_allclose(law, expected[:law.size], rtol=0, atol=1e-12)
+    assert expected[law.size:].sum() == 0 and law.sum() == pytest.approx(1.0)
+
+
 def test_type_ablation_removes_a_type():
     ps = PromptSet.load("pet", types=["backgrounds", "styles", "relations"])
     assert ps.types == ["backgrounds", "relations", "styles"]

@@ -72,21 +72,19 @@ def _world_batch(method: str, class_noun_in_prompts: bool, copies: int):
     tokenizer = tokenizer_lib.vendored_tokenizer()
     vocab = len(tokenizer)
     concept_ids = tokenizer_lib.add_concept_tokens(tokenizer, [TOKEN] + [f"{TOKEN}_{k}" for k in range(1, copies)])
-    longest = method_lib._longest_prompt(method_lib._prompt_set(config), tokenizer, method_lib.mlm_phrase(config))
-    max_masked = mlm.masked_token_bound(config.mlm.batch_size * copies * longest, config.mlm.mask_prob)
+    max_masked = method_lib._masked_bound(config, tokenizer, concept_ids, copies)
     moments = (np.zeros((2, 2, 4, 4, 4), np.float32),) * 2  # [flip, image, h, w, c]
     make_batch = method_lib._batch_maker(config, tokenizer, concept_ids, f"{TOKEN} {CLASS_NOUN}", moments, None,
                                          mask_token_id=vocab + copies, max_masked=max_masked)
     batch = make_batch(3)
     rows = np.where(batch["mlm_mask"], batch["mlm_labels"], batch["mlm_input_ids"])
-    return batch, rows, concept_ids, tokenizer, longest
+    return batch, rows, concept_ids, tokenizer, max_masked
 
 
 @pytest.mark.parametrize("method, class_noun_in_prompts, copies", [("ti", True, 1), ("xti", False, 3)])
 def test_mlm_batch_holds_world_prompts(method, class_noun_in_prompts, copies):
-    batch, rows, concept_ids, tokenizer, longest = _world_batch(method, class_noun_in_prompts, copies)
-    assert rows.shape == (25 * copies, 77) and batch["mlm_mask"].any()
-    assert longest == (16 if class_noun_in_prompts else 15)  # "a close-up photo of a" + the longest relation
+    batch, rows, concept_ids, tokenizer, max_masked = _world_batch(method, class_noun_in_prompts, copies)
+    assert rows.shape == (25 * copies, 77) and 0 < batch["mlm_mask"].sum() <= max_masked
     noun_id = tokenizer.convert_tokens_to_ids(f"{CLASS_NOUN}</w>")
     phrase = TOKEN if not class_noun_in_prompts else f"{TOKEN} {CLASS_NOUN}"
     world_lines = {line for kind in captions.TYPES
@@ -105,3 +103,34 @@ def test_mlm_batch_holds_world_prompts(method, class_noun_in_prompts, copies):
     for k in range(1, copies):
         np.testing.assert_array_equal(np.where(copies_of[k] == concept_ids[k], concept_ids[0], copies_of[k]),
                                       copies_of[0])
+
+
+@pytest.mark.parametrize("class_noun_in_prompts", [True, False])
+def test_maskable_token_law_is_that_of_every_prompt_written_out(class_noun_in_prompts):
+    """The law of a drawn prompt's maskable tokens, from lines and prefixes counted apart, equals the
+    one from every (type, line, prefix) prompt tokenized whole; batches mask what it predicts."""
+    config = _config(class_noun_in_prompts=class_noun_in_prompts)
+    tokenizer = tokenizer_lib.vendored_tokenizer()
+    concept_ids = tokenizer_lib.add_concept_tokens(tokenizer, [TOKEN])
+    prompt_set, phrase = method_lib._prompt_set(config), method_lib.mlm_phrase(config)
+    protected = method_lib.protected_tokens(config, tokenizer, concept_ids)
+    expected = np.zeros(77)
+    for kind in prompt_set.types:  # the world's types are all prefixed
+        texts = [prefix.format(line) for line in prompt_set.all_prompts(kind, phrase) for prefix in prompt_set.prefixes]
+        counts = mlm.maskable_positions(tokenizer_lib.tokenize(tokenizer, texts), bos_id=tokenizer.bos_token_id,
+                                        eos_id=tokenizer.eos_token_id, protected=protected).sum(axis=1)
+        expected += np.bincount(counts, minlength=77) / len(texts) / len(prompt_set.types)
+    law = method_lib._maskable_distribution(config, tokenizer, concept_ids)
+    np.testing.assert_allclose(law, expected[:law.size], rtol=0, atol=1e-12)
+    assert expected[law.size:].sum() == 0
+    mean_tokens = float(np.arange(law.size) @ law)
+    assert mean_tokens == pytest.approx(9.291, abs=1e-3)  # the class noun is protected: the same either way
+
+    bound = method_lib._masked_bound(config, tokenizer, concept_ids, copies=1)
+    assert bound == 72  # about twice the mean: 25 prompts x 9.29 tokens x 0.15 = 34.8
+    make_batch = method_lib._batch_maker(config, tokenizer, concept_ids, f"{TOKEN} {CLASS_NOUN}",
+                                         (np.zeros((2, 2, 4, 4, 4), np.float32),) * 2, None,
+                                         mask_token_id=len(tokenizer), max_masked=bound)
+    masked = [int(make_batch(step)["mlm_mask"].sum()) for step in range(400)]
+    # 400 batches: the mean's standard error is about 0.3 tokens.
+    assert np.mean(masked) == pytest.approx(25 * 0.15 * mean_tokens, abs=1.5) and max(masked) < bound

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -96,6 +96,24 @@ class PromptSet:
                 text = self.prefixes[p].format(text)
             out.append(MlmPrompt(text, kind))
         return out
+
+    def count_distribution(self, concept_phrase: str, count: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+        """``P[n]``: the probability that one prompt of `sample_typed` has ``n`` units (e.g. maskable
+        tokens), exactly as it draws them: a uniform type, a uniform line, a uniform prefix.
+
+        ``count(texts)`` gives each text's units; a prefixed prompt has its caption's plus its prefix's
+        (the prefix formatted with an empty caption), as for BPE tokens, which never cross the space
+        between them.
+        """
+        prefixes = np.bincount(count([p.format("") for p in self.prefixes])) / len(self.prefixes)
+        total = np.zeros(1)
+        for kind in self.types:
+            lines = np.bincount(count(self.all_prompts(kind, concept_phrase))) / self.count(kind)
+            if kind not in UNPREFIXED_TYPES:
+                lines = np.convolve(lines, prefixes)
+            size = max(total.size, lines.size)
+            total = np.pad(total, (0, size - total.size)) + np.pad(lines, (0, size - lines.size)) / len(self.types)
+        return total
 
     def sample(self, rng: np.random.Generator, n: int, concept_phrase: str) -> list[str]:
         """The texts of `sample_typed` (same draws for the same `rng` state)."""
