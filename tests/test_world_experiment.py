@@ -14,8 +14,9 @@ from mlmjax.world import experiment, experiment_scores
 from mlmjax.world.captions import eval_prompts
 
 MAX_PROMPTS = 3
+OWN_CONTEXT_IMAGES = 4
 ARGS = ["--methods", "ti", "--seeds", "0", "--steps", "2", "--images_per_prompt", "1",
-        "--max_prompts", str(MAX_PROMPTS), "--grid_prompts", "2", "--set", "ti.learning_rate=0.001",
+        "--own_context_images", str(OWN_CONTEXT_IMAGES), "--max_prompts", str(MAX_PROMPTS), "--grid_prompts", "2", "--set", "ti.learning_rate=0.001",
         "--set", "ti.mlm.batch_size=5"]
 RUNS = ("ti-mlm_off-s0", "ti-mlm_on-s0")
 
@@ -66,10 +67,19 @@ def test_table_has_the_rows_asked_for_with_numbers_in_unit_interval(smoke):
         assert scores["overrides"] == {"learning_rate": 0.001, "mlm.batch_size": 5}
         with open(_run_file(workdir, run, "config.json")) as f:
             assert json.load(f)["mlm"]["batch_size"] == 5  # a nested field reaches the trained run
-        assert len(scores["prompts"]) == MAX_PROMPTS + 1  # + the training context, last
+        assert len(scores["prompts"]) == MAX_PROMPTS + 1  # + the training context, last (the grids' column)
         assert scores["prompts"][-1]["text"] == "<concept> teapot on the kitchen table"
         assert all(0 <= v <= 1 for p in scores["prompts"] for name in experiment_scores.SUMMARY_METRICS
                    for v in p[name])
+        # The sanity check's numbers are the means over the own context's dedicated images.
+        own = scores["own_context"]
+        assert own["text"] == "<concept> teapot on the kitchen table"
+        assert os.path.isdir(_run_file(workdir, run, experiment_scores.OWN_CONTEXT_DIR))
+        for name in experiment_scores.SUMMARY_METRICS:
+            assert len(own[name]) == OWN_CONTEXT_IMAGES
+            assert scores["training_context"][name] == pytest.approx(sum(own[name]) / OWN_CONTEXT_IMAGES)
+    with open(os.path.join(workdir, experiment_scores.RESULTS_MD)) as f:
+        assert f"{OWN_CONTEXT_IMAGES} images per run" in f.read()
 
 
 def test_rerun_retrains_and_rescores_nothing(smoke):
@@ -87,8 +97,8 @@ def test_a_trained_run_is_rescored_to_the_same_numbers(smoke):
     with open(path) as f:
         first = json.load(f)
     os.remove(path)
-    os.rename(_run_file(workdir, RUNS[0], experiment_scores.IMAGES_DIR),
-              _run_file(workdir, RUNS[0], "old_images"))  # resample too, not just read back
+    for folder in (experiment_scores.IMAGES_DIR, experiment_scores.OWN_CONTEXT_DIR):  # resample, not read back
+        os.rename(_run_file(workdir, RUNS[0], folder), _run_file(workdir, RUNS[0], "old_" + folder))
     printed = _main(workdir)
     assert f"{RUNS[0]}: already trained, not retrained" in printed
     with open(path) as f:
@@ -154,6 +164,7 @@ def test_lambda_plot_is_drawn_for_a_sweep_only(tmp_path):
     (["--steps", "0"], "--steps=0: must be a positive integer"),
     (["--steps", "-3"], "--steps=-3"),
     (["--images_per_prompt", "0"], "--images_per_prompt=0"),
+    (["--own_context_images", "0"], "--own_context_images=0: must be a positive integer"),
     (["--mlm", "maybe"], "--mlm=maybe"),
     (["--mlm_weight", "1e-3,big"], "--mlm_weight=1e-3,big: must be comma-separated numbers"),
     (["--mlm_weight", "1e-3,0"], "--mlm_weight=1e-3,0: give distinct positive values"),
@@ -185,3 +196,13 @@ def test_a_scored_run_asked_with_another_set_is_refused(smoke, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "was scored with other learning_rate and overrides than asked now" in err and err.count("\n") == 1
+
+
+def test_a_run_scored_with_another_own_context_count_is_refused(smoke, capsys):
+    workdir, _ = smoke
+    changed = [a if a != str(OWN_CONTEXT_IMAGES) else "5" for a in ARGS]
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.main(["--workdir", workdir] + changed)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "was scored with other own_context_sampling than asked now" in err and err.count("\n") == 1

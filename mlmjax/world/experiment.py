@@ -13,7 +13,7 @@ rate sized for the tiny model rather than Stable Diffusion) in ``DIR/runs/<metho
 and seed, in ``DIR/runs/<method>-mlm_<λ>-s<seed>``, one table row per value. Each run then samples
 ``--images_per_prompt`` images for each held-out world prompt (``captions.eval_prompts``, filled with the
 run's concept phrase) plus the concept photos' own context ("{} on the kitchen table", a sanity check
-that the concept was learned), and scores every image with the world evaluator against the scene the
+that the concept was learned, sampled again with ``--own_context_images`` images), and scores every image with the world evaluator against the scene the
 prompt asks for (``captions.scene_from_prompt``). Per run: ``scores.json`` and ``grid.png``.
 
 Rerunning the command continues where it stopped: a run whose ``scores.json`` exists is neither
@@ -57,6 +57,7 @@ class Options:
     mlm: tuple[str, ...] = MLM_SETTINGS
     steps: int | None = None  # None: each method config's max_steps
     images_per_prompt: int = 4
+    own_context_images: int = 8  # the sanity check's images of the concept photos' own context, per run
     mlm_weights: tuple[float, ...] = ()  # the MLM-on runs' λ values; (): each method config's λ
     max_prompts: int = 0  # 0: every held-out prompt
     prior_images: int = 8
@@ -120,6 +121,8 @@ def parse_args(argv: Sequence[str]) -> Options:
     parser.add_argument("--steps", type=int, help="training steps per run (default: each config's max_steps)")
     parser.add_argument("--images_per_prompt", type=int, default=Options.images_per_prompt,
                         help="images sampled per eval prompt")
+    parser.add_argument("--own_context_images", type=int, default=Options.own_context_images,
+                        help="images sampled per run of the concept photos' own context (the sanity check)")
     parser.add_argument("--mlm_weight", default="",
                         help="λ of the MLM-on runs, or several comma-separated for a λ sweep (default: each "
                              "config's)")
@@ -148,7 +151,8 @@ def parse_args(argv: Sequence[str]) -> Options:
         runtime.fail(f"--seeds={args.seeds}: must be comma-separated non-negative integers, e.g. 0,1,2")
     if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
         runtime.fail(f"--seeds={args.seeds!r}: give at least one distinct non-negative integer, e.g. 0,1,2")
-    for flag in ("steps", "images_per_prompt", "prior_images", "sampler_steps", "grid_prompts"):
+    for flag in ("steps", "images_per_prompt", "own_context_images", "prior_images", "sampler_steps",
+                 "grid_prompts"):
         _positive(flag, getattr(args, flag))
     if args.max_prompts < 0:
         runtime.fail(f"--max_prompts={args.max_prompts}: must be 0 (all) or a positive integer")
@@ -162,7 +166,8 @@ def parse_args(argv: Sequence[str]) -> Options:
     if mlm_weights and "on" not in mlm:
         runtime.fail(f"--mlm_weight={args.mlm_weight} with --mlm={args.mlm}: λ is for MLM-on runs; add on to --mlm")
     options = Options(workdir=args.workdir, methods=methods, seeds=seeds, mlm=mlm, steps=args.steps,
-                      images_per_prompt=args.images_per_prompt, mlm_weights=mlm_weights,
+                      images_per_prompt=args.images_per_prompt, own_context_images=args.own_context_images,
+                      mlm_weights=mlm_weights,
                       max_prompts=args.max_prompts, prior_images=args.prior_images,
                       sampler_steps=args.sampler_steps, guidance=args.guidance, grid_prompts=args.grid_prompts,
                       overrides=_parse_overrides(args.set, methods))
@@ -249,7 +254,10 @@ def _asked(spec: RunSpec, config: ml_collections.ConfigDict, options: Options, t
             "learning_rate": float(config.learning_rate),
             "overrides": _set_values(config, options.overrides.get(spec.method, ())),
             "sampling": scores_lib.sampling_settings(templates, options.images_per_prompt, options.sampler_steps,
-                                                     options.guidance)}
+                                                     options.guidance),
+            "own_context_sampling": scores_lib.sampling_settings(
+                [scores_lib.training_context_template()], options.own_context_images, options.sampler_steps,
+                options.guidance)}
 
 
 def _set_values(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]]) -> dict:
@@ -282,10 +290,11 @@ def do_run(spec: RunSpec, options: Options, templates: list[str], evaluator: Eva
              f"in {time.time() - start:.1f} s")
     start = time.time()
     asked = _asked(spec, config, options, templates)
-    scores = {**scores_lib.score_run(workdir, asked["sampling"], evaluator, options.grid_prompts),
-              "overrides": asked["overrides"]}
+    scores = {**scores_lib.score_run(workdir, asked["sampling"], asked["own_context_sampling"], evaluator,
+                                     options.grid_prompts), "overrides": asked["overrides"]}
     files.write_json_atomic(scores_path, scores)  # last: it marks the run complete
-    _log(f"{index} {spec.name}: scored {len(templates)} prompts × {options.images_per_prompt} images in "
+    _log(f"{index} {spec.name}: scored {len(templates)} prompts × {options.images_per_prompt} images and "
+         f"{options.own_context_images} of its own context in "
          f"{time.time() - start:.1f} s: held-out context fidelity {scores['heldout']['context_fidelity']:.3f}, "
          f"is_concept {scores['heldout']['is_concept']:.3f}")
     return scores

@@ -1,8 +1,11 @@
 """The world experiment's evaluation (``experiment.py``): prompts, one run's scores, the table and grids.
 
-A run is scored on the held-out world prompts (``captions.eval_prompts``) and, last, on the concept
-photos' own context ("{} on the kitchen table"): every image is read back by the world evaluator
-against the scene its prompt asks for (``captions.scene_from_prompt``).
+A run is scored on the held-out world prompts (``captions.eval_prompts``) and on the concept photos'
+own context ("{} on the kitchen table"): every image is read back by the world evaluator against the
+scene its prompt asks for (``captions.scene_from_prompt``). The own context is the last prompt of the
+held-out images' sampling (the grids' last column) and is also sampled on its own, with more images
+(``--own_context_images``, in ``own_context_images/``): its numbers are a sanity check per run, and two
+images a run told apart only 0, 1/2 and 1.
 
 Table rows: method × MLM off/on (on at each λ of a sweep); each number is the mean ± standard deviation over seeds of the runs'
 means over the held-out prompts' images (``seeds``: how many runs). A second table lists every run's
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from mlmjax.world.experiment import Options, RunSpec
 
 IMAGES_DIR = "eval_images"
+OWN_CONTEXT_DIR = "own_context_images"
 GRID_FILE = "grid.png"
 RESULTS_MD, RESULTS_JSON = "results.md", "results.json"
 COMPARISON_GRID = "comparison.png"
@@ -77,30 +81,40 @@ def _summary(scores: dict[str, np.ndarray], rows: slice) -> dict[str, float]:
     return {name: float(np.nanmean(scores[name][rows])) for name in SUMMARY_METRICS}
 
 
-def score_run(workdir: str, settings: dict, evaluator: Evaluator, shown: int) -> dict:
-    """Samples the run's images (kept in ``IMAGES_DIR``, reused if there), scores them and writes the
-    run's ``grid.png`` (``shown`` held-out prompts). Returns what ``scores.json`` holds: per-image scores
-    by prompt, and the held-out and training-context means."""
-    from mlmjax import evaluate
+def _scored_prompts(run, images: np.ndarray, templates: list[str], evaluator: Evaluator):
+    """Each image of ``images`` ``[P, n, H, W, 3]`` scored against its prompt's scene: ``(scores over the
+    flattened images, per-prompt records)``."""
     from mlmjax import sample as sample_lib
+
+    per = images.shape[1]
+    texts = [sample_lib.fill_concept(t, run.concept_phrase) for t in templates]  # as sample_run fills them
+    scenes = [captions.scene_from_prompt(t, run.concept_phrase) for t in texts for _ in range(per)]
+    scores = evaluator.score(images.reshape(-1, *images.shape[2:]), scenes)
+    prompts = [{"prompt": t, "text": text,
+                **{name: [float(v) for v in scores[name][p * per:(p + 1) * per]] for name in SUMMARY_METRICS}}
+               for p, (t, text) in enumerate(zip(templates, texts))]
+    return scores, prompts
+
+
+def score_run(workdir: str, settings: dict, own_context_settings: dict, evaluator: Evaluator, shown: int) -> dict:
+    """Samples the run's images (kept in ``IMAGES_DIR`` and ``OWN_CONTEXT_DIR``, reused if there), scores
+    them and writes the run's ``grid.png`` (``shown`` held-out prompts). Returns what ``scores.json``
+    holds: per-image scores by prompt, the held-out means, and the means over the own context's images."""
+    from mlmjax import evaluate
     from mlmjax import workdir as workdir_lib
 
     run = workdir_lib.load_trained(workdir)
     images = evaluate.generated_images(run, os.path.join(workdir, IMAGES_DIR), settings)  # [P, n, H, W, 3]
-    per, templates = settings["num_images"], settings["prompts"]
-    texts = [sample_lib.fill_concept(t, run.concept_phrase) for t in templates]  # as sample_run fills them
-    scenes = [captions.scene_from_prompt(t, run.concept_phrase) for t in texts for _ in range(per)]
-    scores = evaluator.score(images.reshape(-1, *images.shape[2:]), scenes)
-    heldout = slice(0, (len(templates) - 1) * per)
-    prompts = [{"prompt": t, "text": text,
-                **{name: [float(v) for v in scores[name][p * per:(p + 1) * per]] for name in SUMMARY_METRICS}}
-               for p, (t, text) in enumerate(zip(templates, texts))]
-    save_grid(images[grid_prompts(len(templates), shown)], os.path.join(workdir, GRID_FILE))
+    scores, prompts = _scored_prompts(run, images, settings["prompts"], evaluator)
+    own_images = evaluate.generated_images(run, os.path.join(workdir, OWN_CONTEXT_DIR), own_context_settings)
+    own_scores, (own_prompt,) = _scored_prompts(run, own_images, own_context_settings["prompts"], evaluator)
+    save_grid(images[grid_prompts(len(prompts), shown)], os.path.join(workdir, GRID_FILE))
     return {"method": run.config.method, "mlm_weight": float(run.config.mlm.weight),
             "learning_rate": float(run.config.learning_rate), "seed": int(run.config.seed),
             "steps": run.step, "concept_phrase": run.concept_phrase, "sampling": settings,
-            "heldout": _summary(scores, heldout), "training_context": _summary(scores, slice(heldout.stop, None)),
-            "prompts": prompts}
+            "own_context_sampling": own_context_settings,
+            "heldout": _summary(scores, slice(0, (len(prompts) - 1) * images.shape[1])),
+            "training_context": _summary(own_scores, slice(None)), "prompts": prompts, "own_context": own_prompt}
 
 
 def check_same_scoring(scores: dict, asked: dict, path: str) -> None:
@@ -164,7 +178,9 @@ def markdown(rows: list[dict], all_scores: Mapping[RunSpec, dict], options: Opti
         steps = ", ".join(str(s) for s in row["steps"])
         cells = " | ".join(_cell(row["heldout"][name]) for name in TABLE_METRICS)
         lines.append(f"| {row['method']} | {row['mlm']} | {weights} | {rates} | {steps} | {cells} | {row['seeds']} |")
-    lines += ["", f"Sanity check, the concept photos' own context ({training_context_template()!r}), per run:", "",
+    own = next(iter(all_scores.values()))["own_context_sampling"]["num_images"]
+    lines += ["", f"Sanity check, the concept photos' own context ({training_context_template()!r}, {own} images "
+              "per run), per run:", "",
               "| run | context fidelity | is_concept | concept probability |", "|---|---|---|---|"]
     for spec, scores in all_scores.items():
         cells = " | ".join(f"{scores['training_context'][name]:.3f}" for name in TABLE_METRICS)
