@@ -91,8 +91,8 @@ def masked_token_bound(maskable_probs: Sequence[float] | np.ndarray, batch_size:
     quantile this is (at least 1, for the one-token guarantee of :func:`mask_tokens`). Taken from
     every prompt's length rather than the longest one's: 25 prompts of the paper's "nonliving" set
     mask 28.6 tokens on average, and the bound is 67 where the longest prompt's length gave 127
-    (CLIP's 75 tokens, 378). :func:`mask_tokens` with the same ``max_masked`` drops the rare excess, so the buffer of
-    :func:`gather_masked` never overflows.
+    (CLIP's 75 tokens, 378). :func:`mask_tokens` with the same ``max_masked`` drops the rare excess,
+    so the buffer of :func:`gather_masked` never overflows.
     """
     lengths = np.asarray(maskable_probs, np.float64)
     if lengths.ndim != 1 or lengths.size == 0 or np.any(lengths < 0) or not np.isclose(lengths.sum(), 1.0):

@@ -128,7 +128,9 @@ def test_masked_token_bound_is_the_binomial_quantile():
     def tail(k):  # P[Binomial(n, p) > k], summed exactly
         return sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k + 1, n + 1))
 
-    only = lambda length: np.eye(length + 1)[length]  # every prompt has `length` maskable tokens
+    def only(length):  # every prompt has `length` maskable tokens
+        return np.eye(length + 1)[length]
+
     bound = mlm.masked_token_bound(only(n), 1, p, overflow_prob=overflow)
     assert tail(bound) <= overflow < tail(bound - 1)
     assert mlm.masked_token_bound(only(75), 25, 0.15) == 378  # 25 prompts of CLIP's 75 tokens

@@ -16,8 +16,8 @@ from mlmjax.world.captions import eval_prompts
 MAX_PROMPTS = 3
 OWN_CONTEXT_IMAGES = 4
 ARGS = ["--methods", "ti", "--seeds", "0", "--steps", "2", "--images_per_prompt", "1",
-        "--own_context_images", str(OWN_CONTEXT_IMAGES), "--max_prompts", str(MAX_PROMPTS), "--grid_prompts", "2", "--set", "ti.learning_rate=0.001",
-        "--set", "ti.mlm.batch_size=5"]
+        "--own_context_images", str(OWN_CONTEXT_IMAGES), "--max_prompts", str(MAX_PROMPTS), "--grid_prompts", "2",
+        "--set", "ti.learning_rate=0.001", "--set", "ti.mlm.batch_size=5"]
 RUNS = ("ti-mlm_off-s0", "ti-mlm_on-s0")
 
 

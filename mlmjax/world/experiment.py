@@ -13,8 +13,9 @@ rate sized for the tiny model rather than Stable Diffusion) in ``DIR/runs/<metho
 and seed, in ``DIR/runs/<method>-mlm_<λ>-s<seed>``, one table row per value. Each run then samples
 ``--images_per_prompt`` images for each held-out world prompt (``captions.eval_prompts``, filled with the
 run's concept phrase) plus the concept photos' own context ("{} on the kitchen table", a sanity check
-that the concept was learned, sampled again with ``--own_context_images`` images), and scores every image with the world evaluator against the scene the
-prompt asks for (``captions.scene_from_prompt``). Per run: ``scores.json`` and ``grid.png``.
+that the concept was learned, sampled again with ``--own_context_images`` images), and scores every
+image with the world evaluator against the scene the prompt asks for (``captions.scene_from_prompt``).
+Per run: ``scores.json`` and ``grid.png``.
 
 Rerunning the command continues where it stopped: a run whose ``scores.json`` exists is neither
 retrained nor rescored, a trained run is only scored, an interrupted one resumes from its checkpoint.
@@ -167,8 +168,7 @@ def parse_args(argv: Sequence[str]) -> Options:
         runtime.fail(f"--mlm_weight={args.mlm_weight} with --mlm={args.mlm}: λ is for MLM-on runs; add on to --mlm")
     options = Options(workdir=args.workdir, methods=methods, seeds=seeds, mlm=mlm, steps=args.steps,
                       images_per_prompt=args.images_per_prompt, own_context_images=args.own_context_images,
-                      mlm_weights=mlm_weights,
-                      max_prompts=args.max_prompts, prior_images=args.prior_images,
+                      mlm_weights=mlm_weights, max_prompts=args.max_prompts, prior_images=args.prior_images,
                       sampler_steps=args.sampler_steps, guidance=args.guidance, grid_prompts=args.grid_prompts,
                       overrides=_parse_overrides(args.set, methods))
     for method, overrides in options.overrides.items():  # a bad key or value fails now, not mid-way
