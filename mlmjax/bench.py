@@ -6,16 +6,23 @@ r"""Benchmarks of the train step: JAX against the PyTorch reference, per method,
         --markdown   # README table (an hour, ~21 GB; the flag: XLA's own convolutions, see the README)
     python -m mlmjax.bench --size sd15 --compile_only --methods ti --mlm off   # XLA's memory, no weights
     python -m mlmjax.bench --sharded_memory --methods dreambooth --mlm off --framework none   # fsdp=8 memory
+    python -m mlmjax.bench --size sd15 --methods dreambooth --compute_dtype bfloat16 --repeats 10   # on a GPU: MFU
 
 Every configuration runs in its own fresh subprocess (JAX and PyTorch separately), so its peak
 resident memory is its own. For each it reports: the median step time over ``--repeats`` steps
 after ``--warmup`` (with min, max, quartiles), examples/s (UNet rows per step: instance plus class
-images), compile time (cold unless ``--compilation_cache``), FLOPs per step from XLA's cost
-analysis, the achieved FLOP/s and its fraction of this machine's float32 matrix-multiply peak
-(measured in the same run by both frameworks, 2048², median of 10; the larger is the peak), peak
-memory (JAX: the compiled memory analysis, argument + output + temporaries - donated aliases; both:
-the subprocess's peak RSS), and the JAX/PyTorch time and memory ratios. PyTorch rows use the JAX
-step's FLOPs (the same computation).
+images), compile time (cold unless ``--compilation_cache``), the model's FLOPs per step (XLA's cost
+analysis of the step lowered with every attention whole and the plain vocabulary projection: the
+compiled step loops over query and vocabulary chunks, whose bodies XLA's cost analysis counts once;
+the compiled count is kept as ``flops_compiled``), the achieved FLOP/s and its fraction of this
+machine's matrix-multiply peak in the compute dtype (measured in the same run by both frameworks,
+2048² on a CPU and 8192² on a GPU, median of 10; the larger is the peak: on a GPU the fraction is the
+model FLOP utilisation against what the card sustains), peak memory (JAX: the compiled memory
+analysis, argument + output + temporaries - donated aliases; on a GPU both frameworks report their
+allocator's peak instead; both: the subprocess's peak RSS), and the JAX/PyTorch time and memory
+ratios. PyTorch rows use the JAX step's FLOPs (the same computation). On a GPU the PyTorch reference
+runs there too (``--torch_device``), and the JAX step uses cuDNN's fused attention for half-precision
+inputs (``--attention``).
 
 Both frameworks run the same configuration on the same batch (built once by mlmjax's batch function
 and handed to PyTorch in a case folder). At the tiny size they also share the weights (the embedded
@@ -57,6 +64,7 @@ from mlmjax import bench_report
 from mlmjax import bench_torch
 from mlmjax import config as config_lib
 from mlmjax import runtime
+from mlmjax.models import attention
 
 SIZES = ("tiny", "sd15")
 REQUEST_JSON = "request.json"
@@ -103,15 +111,21 @@ def run(options: dict) -> dict[str, Any]:
     if not options.get("compilation_cache"):
         env["MLMJAX_BENCH_NO_CACHE"] = "1"
     peaks = {}
+    dtype = options["compute_dtype"]
+    torch_args = [f"--threads={options.get('torch_threads', 0)}", f"--device={options.get('torch_device', 'auto')}"]
     for framework in options["frameworks"]:
         repeats = options.get("peak_repeats", 10)
-        args = (_jax_worker_args("peak") + [f"--peak_repeats={repeats}"] if framework == "jax" else
-                ["-m", "mlmjax.bench_torch", "--peak", f"--repeats={repeats}", f"--threads={options.get('torch_threads', 0)}"])
+        args = (_jax_worker_args("peak") + [f"--peak_repeats={repeats}", f"--compute_dtype={dtype}"]
+                if framework == "jax" else
+                ["-m", "mlmjax.bench_torch", "--peak", f"--repeats={repeats}", f"--dtype={dtype}", *torch_args])
         peaks[framework], error = _worker(args, env)
-        log(f"{framework} matmul peak: " + (f"{peaks[framework]['flops_per_s'] / 1e9:.1f} GFLOP/s" if peaks[framework]
-                                           else f"failed ({error})"))
+        log(f"{framework} {dtype} matmul peak: " + (f"{peaks[framework]['flops_per_s'] / 1e9:.1f} GFLOP/s"
+                                                    if peaks[framework] else f"failed ({error})"))
     measured = [p["flops_per_s"] for p in peaks.values() if p]
     peak = max(measured) if measured else None
+    accelerators = {p.get("device_kind") or p.get("device_name") for p in peaks.values()
+                    if p and p.get("platform", p.get("device")) not in ("cpu", None)}
+    machine["accelerator"] = ", ".join(sorted(accelerators)) or None
     rows = []
     with tempfile.TemporaryDirectory(prefix="mlmjax-bench-") as tmp:
         for method in options["methods"]:
@@ -121,7 +135,7 @@ def run(options: dict) -> dict[str, Any]:
                 request = {"method": method, "mlm": mlm, "size": options["size"], "repeats": options["repeats"],
                            "warmup": options["warmup"], "compute_dtype": options["compute_dtype"],
                            "configs": options["configs"], "prepare_only": "jax" not in options["frameworks"],
-                           "remat": options.get("remat", False)}
+                           "remat": options.get("remat", False), "attention": options.get("attention", "auto")}
                 request_path = os.path.join(case_dir, REQUEST_JSON)
                 with open(request_path, "w") as f:
                     json.dump(request, f)
@@ -140,7 +154,7 @@ def run(options: dict) -> dict[str, Any]:
                     else:
                         result, error = _worker(["-m", "mlmjax.bench_torch", f"--case={case_dir}",
                                                  f"--warmup={options['warmup']}", f"--repeats={options['repeats']}",
-                                                 f"--threads={options.get('torch_threads', 0)}"], env)
+                                                 *torch_args], env)
                     torch_row = bench_report.finish_row(result or {"framework": "torch", "error": error}, base,
                                                         peak, jax_row or prepared or {})
                     rows.append(torch_row)
@@ -183,7 +197,8 @@ def run(options: dict) -> dict[str, Any]:
 # The command
 
 
-def _worker_main(kind: str, request_path: str | None, case_dir: str | None, out: str, peak_repeats: int = 10) -> None:
+def _worker_main(kind: str, request_path: str | None, case_dir: str | None, out: str, peak_repeats: int = 10,
+                 compute_dtype: str = "float32") -> None:
     """The subprocess side: one measurement, written as JSON to ``out``."""
     if not os.environ.get("MLMJAX_BENCH_NO_CACHE"):
         runtime.enable_compilation_cache()
@@ -192,7 +207,7 @@ def _worker_main(kind: str, request_path: str | None, case_dir: str | None, out:
         with open(request_path) as f:
             request = json.load(f)
     if kind == "peak":
-        row = bench_cases.jax_matmul_peak(repeats=request.get("peak_repeats", 10))
+        row = bench_cases.jax_matmul_peak(repeats=request.get("peak_repeats", 10), dtype=compute_dtype)
     elif kind == "jax":
         row = bench_cases.run_jax_case(request, case_dir, partial=out + PARTIAL_SUFFIX)
     elif kind == "sharded":
@@ -229,6 +244,11 @@ def define_flags() -> None:
                       "memory to run it")
     flags.DEFINE_integer("peak_repeats", 10, "timed matmuls of the peak measurement (the median is the peak)")
     flags.DEFINE_bool("remat", False, "JAX: config.remat (recompute UNet blocks in the backward pass)")
+    flags.DEFINE_enum("attention", "auto", attention.IMPLEMENTATIONS, "JAX: the attention the step is compiled "
+                      "with; auto: cuDNN's fused kernel for half-precision attention on a GPU, else chunked above "
+                      "2^18 scores (mlmjax.models.attention)")
+    flags.DEFINE_enum("torch_device", "auto", ("auto", "cpu", "cuda"), "PyTorch's device; auto: a CUDA GPU where "
+                      "torch sees one, else the CPU")
     flags.DEFINE_integer("sharded_devices", 8, "host devices (= fsdp size) of --sharded_memory")
     flags.DEFINE_string("json", None, "write the rows (and the machine) to this JSON file")
     flags.DEFINE_bool("markdown", False, "print README-ready tables")
@@ -251,7 +271,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
     if f.worker:
-        _worker_main(f.worker, f.request, f.case, f.out, f.peak_repeats)
+        _worker_main(f.worker, f.request, f.case, f.out, f.peak_repeats, f.compute_dtype)
         return
     runtime.quiet_library_logs()
     frameworks = [] if f.framework == "none" else _split(f.framework, bench_report.FRAMEWORKS, "framework")
@@ -269,7 +289,7 @@ def main(argv: list[str]) -> None:
                "compute_dtype": f.compute_dtype, "configs": f.configs, "sharded_memory": f.sharded_memory,
                "sharded_devices": f.sharded_devices, "compilation_cache": f.compilation_cache,
                "torch_threads": f.torch_threads, "compile_only": f.compile_only, "remat": f.remat,
-               "peak_repeats": f.peak_repeats,
+               "peak_repeats": f.peak_repeats, "attention": f.attention, "torch_device": f.torch_device,
                "log": lambda message: print(message, file=sys.stderr, flush=True)}
     if not os.path.isdir(f.configs):
         runtime.fail(f"--configs={f.configs}: not a folder; point it at the repository's configs/")

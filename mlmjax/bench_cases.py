@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 import types
 from typing import Any
@@ -25,6 +26,7 @@ from mlmjax import bench_torch
 from mlmjax import config as config_lib
 
 MATMUL_SIZE = 2048
+ACCELERATOR_MATMUL_SIZE = 8192
 
 # Stable Diffusion 1.5 shapes (diffusers / transformers configs). Random weights: nothing is downloaded.
 SD15_UNET_CONFIG = {
@@ -70,13 +72,21 @@ def describe_machine() -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def jax_matmul_peak(size: int = MATMUL_SIZE, repeats: int = 10) -> dict[str, float]:
-    """Achieved FLOP/s of a jitted float32 ``size × size`` matrix multiply: median of ``repeats``."""
+def matmul_size(platform: str) -> int:
+    """The peak's matrix size: 2048² already saturates a CPU; an accelerator needs 8192² to fill it."""
+    return MATMUL_SIZE if platform == "cpu" else ACCELERATOR_MATMUL_SIZE
+
+
+def jax_matmul_peak(size: int | None = None, repeats: int = 10, dtype: str = "float32") -> dict[str, Any]:
+    """Achieved FLOP/s of a jitted ``size × size`` matrix multiply in ``dtype`` on the default device
+    (random operands: zeros multiply faster on some accelerators): median of ``repeats``."""
     import jax
     import jax.numpy as jnp
 
+    device = jax.devices()[0]
+    size = size or matmul_size(device.platform)
     keys = jax.random.split(jax.random.key(0))
-    a, b = (jax.random.normal(k, (size, size), jnp.float32) for k in keys)
+    a, b = (jax.random.normal(k, (size, size), jnp.dtype(dtype)) for k in keys)
     matmul = jax.jit(jnp.matmul)
     for _ in range(2):
         matmul(a, b).block_until_ready()
@@ -86,7 +96,8 @@ def jax_matmul_peak(size: int = MATMUL_SIZE, repeats: int = 10) -> dict[str, flo
         matmul(a, b).block_until_ready()
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    return {"size": size, "median_s": median, "flops_per_s": 2 * size**3 / median}
+    return {"size": size, "dtype": dtype, "median_s": median, "flops_per_s": 2 * size**3 / median,
+            "platform": device.platform, "device_kind": device.device_kind}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -285,16 +296,20 @@ def prepare_case(request: dict, case_dir: str):
 # The JAX side of a case: XLA's FLOPs, the step compiled and timed, or compiled only
 
 
-def _lowered_flops(state, batch, rng) -> float | None:
-    """XLA's FLOPs of the step lowered with the plain vocabulary projection: XLA's cost analysis
-    counts the body of the chunked cross-entropy's loop once, not once per chunk."""
+def model_flops(state, batch, rng) -> float | None:
+    """The step's model FLOPs: XLA's cost analysis of the step lowered (not compiled) with every
+    attention's scores whole and the plain vocabulary projection. The step as it runs loops over
+    query chunks and vocabulary chunks, and XLA's cost analysis counts a loop's body once: at SD 1.5
+    shapes the compiled count misses 15 of the 16 chunks of each 4096-token attention."""
     import jax
 
     from mlmjax import aot
     from mlmjax import train_step as train_step_lib
+    from mlmjax.models import attention
 
     state = state.replace(spec=dataclasses.replace(state.spec, vocab_chunk=None))
-    return aot.flops(jax.jit(train_step_lib.train_step).lower(state, batch, rng))
+    with attention.implementation("whole"):
+        return aot.flops(jax.jit(train_step_lib.train_step).lower(state, batch, rng))
 
 
 def mlm_flop_variants(state, batch, rng) -> dict[str, Any]:
@@ -304,8 +319,8 @@ def mlm_flop_variants(state, batch, rng) -> dict[str, Any]:
     spec = state.spec
     rows, length = batch["mlm_input_ids"].shape
     every = rows * length
-    masked = _lowered_flops(state, batch, rng)
-    everywhere = _lowered_flops(state.replace(spec=dataclasses.replace(spec, max_masked=every)), batch, rng)
+    masked = model_flops(state, batch, rng)
+    everywhere = model_flops(state.replace(spec=dataclasses.replace(spec, max_masked=every)), batch, rng)
     width, vocab = spec.contextualizer.config.hidden_size, spec.contextualizer.config.vocab_size
     return {"mlm_positions_masked": spec.max_masked, "mlm_positions_all": every,
             "flops_lowered_masked": masked, "flops_lowered_all_positions": everywhere,
@@ -319,34 +334,56 @@ def _batch_rows(batch: dict) -> dict[str, int]:
             "mlm_batch": int(batch["mlm_input_ids"].shape[0]) if "mlm_input_ids" in batch else 0}
 
 
+def _log(message: str) -> None:
+    """A progress line of a worker (its stderr reaches the console when it runs alone)."""
+    print(f"[bench worker] {message}", file=sys.stderr, flush=True)
+
+
+def _device_peak_bytes() -> int | None:
+    """The allocator's peak on the first device (accelerators report it; a CPU gives None)."""
+    import jax
+
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory statistics raise various errors
+        return None
+    return (stats or {}).get("peak_bytes_in_use")
+
+
 def run_jax_case(request: dict, case_dir: str, partial: str | None = None) -> dict[str, Any]:
     """One JAX row: prepare the case (and the folder PyTorch reads), compile, time; the row so far is
-    written to ``partial`` once compiled."""
+    written to ``partial`` once compiled. ``request["attention"]`` picks the attention implementation
+    the step is compiled with (``mlmjax.models.attention.IMPLEMENTATIONS``; default ``"auto"``)."""
     import jax
 
     from mlmjax import aot
     from mlmjax import sharding
     from mlmjax import train_step as train_step_lib
+    from mlmjax import trainable
+    from mlmjax.models import attention
 
     start = time.perf_counter()
     state, batch, rng, built = prepare_case(request, case_dir)
     row: dict[str, Any] = {"framework": "jax", "build_s": time.perf_counter() - start, **_batch_rows(batch)}
     if request.get("prepare_only"):
         return row
-    from mlmjax import trainable
-
+    _log(f"built in {row['build_s']:.1f} s")
     row["trainable_params"] = trainable.count(state.params)
+    row["attention"] = request.get("attention", "auto")
+    row["device_kind"] = jax.devices()[0].device_kind
     # Jitted as the trainer jits it (one device here); the batch is put on the device once.
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     state = sharding.shard_state(state, mesh)
     device_batch = sharding.shard_batch(batch, mesh)
     jitted = sharding.jit_step(train_step_lib.train_step, state, mesh)
-    compiled = aot.compile_step(jitted, state, device_batch, rng)
-    row.update(compile_s=compiled.compile_seconds, flops=compiled.flops, memory=compiled.memory,
-               peak_memory_bytes=None if compiled.memory is None else compiled.memory["peak_bytes"])
-    if request["mlm"]:
-        row.update(mlm_flop_variants(state, device_batch, rng))
-        row["flops"] = row["flops_lowered_masked"]  # the compiled step's count misses 12 of 13 chunks
+    with attention.implementation(row["attention"]):
+        compiled = aot.compile_step(jitted, state, device_batch, rng)
+    _log(compiled.describe())
+    row.update(compile_s=compiled.compile_seconds, flops_compiled=compiled.flops, memory=compiled.memory,
+               compiled_peak_bytes=None if compiled.memory is None else compiled.memory["peak_bytes"])
+    row["peak_memory_bytes"] = row["compiled_peak_bytes"]
+    row.update(mlm_flop_variants(state, device_batch, rng) if request["mlm"] else {})
+    row["flops"] = row["flops_lowered_masked"] if request["mlm"] else model_flops(state, device_batch, rng)
     if partial:  # what the compiler says survives a step that runs out of memory
         with open(partial, "w") as f:
             json.dump(row, f)
@@ -364,8 +401,10 @@ def run_jax_case(request: dict, case_dir: str, partial: str | None = None) -> di
             times.append(elapsed)
         if not math.isfinite(float(metrics["loss"])):
             raise FloatingPointError(f"non-finite loss {float(metrics['loss'])} at step {i + 1}")
+    _log(f"{len(times)} timed steps, median {statistics.median(times) * 1000:.1f} ms")
     row.update(times_s=times, first_loss=first, rss_before_step_bytes=rss_before,
-               peak_rss_bytes=bench_torch.peak_rss_bytes(), max_masked=built.max_masked)
+               peak_rss_bytes=bench_torch.peak_rss_bytes(), max_masked=built.max_masked,
+               device_peak_bytes=_device_peak_bytes())
     return row
 
 
@@ -424,13 +463,12 @@ def sharded_memory(request: dict) -> dict[str, Any]:
     jitted = sharding.jit_step(train_step_lib.train_step, abstract_state, mesh)
     compiled = aot.compile_step(jitted, state, abstract_batch, rng)
     variants = mlm_flop_variants(state, abstract_batch, rng) if request["mlm"] and devices == 1 else {}
-    flops = compiled.flops  # the compiled count misses all but one chunk of the MLM cross-entropy:
-    if request["mlm"]:  # the plain projection's lowering, already made for the variants on one device
-        flops = variants["flops_lowered_masked"] if variants else _lowered_flops(state, abstract_batch, rng)
+    flops = variants["flops_lowered_masked"] if variants else model_flops(state, abstract_batch, rng)
     return {**variants, "method": request["method"], "mlm": request["mlm"], "size": "sd15", "compute_dtype": config.compute_dtype,
             "remat": bool(request.get("remat", False)),
             "mesh": dict(zip(sharding.AXES, (1, devices, 1))), "devices": devices, **_batch_rows(batch),
-            "compile_s": compiled.compile_seconds, "flops": flops, "memory_per_device": compiled.memory,
+            "compile_s": compiled.compile_seconds, "flops": flops, "flops_compiled": compiled.flops,
+            "memory_per_device": compiled.memory,
             "peak_bytes_per_device": None if compiled.memory is None else compiled.memory["peak_bytes"],
             "peak_rss_bytes": bench_torch.peak_rss_bytes()}
 

@@ -1,10 +1,16 @@
 """Turns the benchmark's measured rows into its report: summary statistics, JAX/PyTorch ratios, MLM's
-cost, and the README-ready Markdown tables of ``python -m mlmjax.bench``."""
+cost, and the README-ready Markdown tables of ``python -m mlmjax.bench``.
+
+    python -m mlmjax.bench_report a.json b.json   # the tables of several --json files as one report
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import statistics
+import sys
 
 from mlmjax import bench_cases
 
@@ -38,12 +44,16 @@ def finish_row(row: dict, base: dict, peak: float | None, jax_row: dict | None) 
             row["examples_per_s"] = row["examples_per_step"] / (row["median_ms"] / 1000)
     if row["framework"] == "torch":
         row["flops"] = (jax_row or {}).get("flops")
-        row["flops_source"] = "jax cost analysis of the same step"
+        row["flops_source"] = "the JAX row's model FLOPs (the same step)"
         row["peak_memory_bytes"] = row.get("peak_rss_bytes")
         row["peak_memory_source"] = "peak RSS of the subprocess"
     elif row.get("flops") is not None:
-        row["flops_source"] = "XLA cost analysis (compiled)"
+        row["flops_source"] = ("XLA cost analysis of the step lowered with whole attention and the plain "
+                               "vocabulary projection")
         row["peak_memory_source"] = "compiled memory analysis (argument + output + temp - alias)"
+    if row.get("device_peak_bytes"):  # an accelerator: what its allocator held at most, in both frameworks
+        row["peak_memory_bytes"] = row["device_peak_bytes"]
+        row["peak_memory_source"] = "the device allocator's peak"
     if row.get("flops") and row.get("median_ms"):
         row["achieved_flops_per_s"] = row["flops"] / (row["median_ms"] / 1000)
         row["peak_fraction"] = row["achieved_flops_per_s"] / peak if peak else None
@@ -57,8 +67,9 @@ def compare(jax_row: dict, torch_row: dict) -> None:
     if jax_row.get("median_ms") and torch_row.get("median_ms"):
         jax_row["time_ratio_jax_over_torch"] = jax_row["median_ms"] / torch_row["median_ms"]
         jax_row["speedup_over_torch"] = torch_row["median_ms"] / jax_row["median_ms"]
-    if jax_row.get("peak_memory_bytes") and torch_row.get("peak_rss_bytes"):
-        jax_row["memory_ratio_jax_over_torch"] = jax_row["peak_memory_bytes"] / torch_row["peak_rss_bytes"]
+    if jax_row.get("peak_memory_bytes") and torch_row.get("peak_memory_bytes"):
+        jax_row["memory_ratio_jax_over_torch"] = jax_row["peak_memory_bytes"] / torch_row["peak_memory_bytes"]
+    if jax_row.get("peak_rss_bytes") and torch_row.get("peak_rss_bytes"):
         jax_row["rss_ratio_jax_over_torch"] = jax_row["peak_rss_bytes"] / torch_row["peak_rss_bytes"]
     if jax_row.get("trainable_params") is not None and torch_row.get("trainable_params") is not None:
         jax_row["trainable_params_match"] = jax_row["trainable_params"] == torch_row["trainable_params"]
@@ -123,13 +134,16 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     peak = result["matmul_peak"]
     versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, load average {m['load_average'][0]:.1f} at start, "
+    accelerator = f"{m['accelerator']} with " if m.get("accelerator") else ""
+    lines = [f"Machine: {accelerator}{m['cpu']}, {m['cores']} cores, load average {m['load_average'][0]:.1f} at start, "
              f"{m.get('load_average_end', [float('nan')])[0]:.1f} at end; {versions}; "
              f"XLA_FLAGS={m['xla_flags'] or '(none)'}; {m['date']}."]
     peaks = [f"{fw} {fmt(peak[fw]['flops_per_s'], '.1f', 1e9)} GFLOP/s" for fw in FRAMEWORKS if peak.get(fw)]
     threads = sorted({r["threads"] for r in result["rows"] if r.get("threads")})
+    measured = next((peak[fw] for fw in FRAMEWORKS if peak.get(fw)), None)
     if peaks:
-        lines.append(f"Float32 {bench_cases.MATMUL_SIZE}² matmul peak: {', '.join(peaks)}."
+        dtype, size = measured.get("dtype", "float32"), measured.get("size", bench_cases.MATMUL_SIZE)
+        lines.append(f"{dtype.capitalize()} {size}² matmul peak: {', '.join(peaks)}."
                      + (f" PyTorch intra-op threads: {', '.join(map(str, threads))}." if threads else ""))
     lines.append("")
     if result["rows"]:
@@ -179,3 +193,35 @@ def markdown(result: dict) -> str:
                          f"{fmt(s.get('flops'), '.4g', 1e9)} | {s['compile_s']:.0f} |")
     return "\n".join(lines)
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several runs as one report
+
+
+def merge(results: list[dict]) -> dict:
+    """Several ``--json`` results as one: the first run's machine and peak, every run's rows, and MLM's
+    cost recomputed over all rows (MLM on and off may come from different runs)."""
+    if not results:
+        raise ValueError("no benchmark results to merge")
+    rows = [row for result in results for row in result["rows"]]
+    return {"machine": results[0]["machine"], "matmul_peak": results[0]["matmul_peak"], "rows": rows,
+            "mlm": mlm_rows(rows), "sharded_memory": [s for result in results for s in result["sharded_memory"]]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="README tables of python -m mlmjax.bench --json files")
+    parser.add_argument("results", nargs="+", help="JSON files written by python -m mlmjax.bench --json")
+    args = parser.parse_args(argv)
+    results = []
+    for path in args.results:
+        try:
+            with open(path) as f:
+                results.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as error:
+            raise SystemExit(f"{path}: not a benchmark result ({error}); give files written by --json")
+    print(markdown(merge(results)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,9 @@ diffusers ``UNet2DConditionModel`` + transformers ``CLIPTextModel`` + the author
 * AdamW (decoupled weight decay, as ``optax.adamw``), optional global-norm clipping, on exactly the
   parameters that the mlmjax config marks trainable (their PyTorch names come in the case file);
 * ``bfloat16`` compute: ``torch.autocast`` over float32 master weights; ``remat``: the UNet's gradient
-  checkpointing.
+  checkpointing;
+* on the CPU, or on a CUDA GPU (``--device``; by default a GPU where torch sees one), where the peak
+  memory is the allocator's (``torch.cuda.max_memory_allocated``).
 
 It reads a *case folder* that the JAX side of the benchmark wrote (``case.json`` and ``arrays.npz``:
 the configuration, the batch built by mlmjax's batch function, the random draws of the JAX step's
@@ -50,20 +52,45 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> dict[str, float]:
-    """Achieved FLOP/s of a float32 ``size × size`` matrix multiply in torch: median of ``repeats``."""
+def resolve_device(name: str) -> str:
+    """``"auto"``: ``"cuda"`` where torch sees a GPU, else ``"cpu"``."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device=cuda: torch sees no CUDA GPU; use --device=cpu")
+    return name
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(size: int | None = None, repeats: int = 10, dtype: str = "float32",
+                device: str = "cpu") -> dict[str, Any]:
+    """Achieved FLOP/s of a ``size × size`` matrix multiply in torch (2048² on a CPU, 8192² on a GPU;
+    random operands), in ``dtype`` on ``device``: median of ``repeats``."""
+    import torch
+
+    size = size or (2048 if device == "cpu" else 8192)
+    a, b = (torch.randn(size, size, dtype=getattr(torch, dtype), device=device) for _ in range(2))
     for _ in range(2):
         torch.mm(a, b)
+    _synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         torch.mm(a, b)
+        _synchronize(device)
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    return {"size": size, "median_s": median, "flops_per_s": 2 * size**3 / median, "threads": torch.get_num_threads()}
+    return {"size": size, "dtype": dtype, "median_s": median, "flops_per_s": 2 * size**3 / median,
+            "threads": torch.get_num_threads(), "device": device,
+            "device_name": torch.cuda.get_device_name() if device == "cuda" else None}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -177,7 +204,7 @@ def _cross_attention_order(name: str) -> tuple:
 class TorchStep:
     """The reference step of one case; :meth:`step` runs one optimisation step and returns the loss."""
 
-    def __init__(self, case: dict, arrays: dict[str, np.ndarray]):
+    def __init__(self, case: dict, arrays: dict[str, np.ndarray], device: str = "cpu"):
         import diffusers
         import safetensors.torch
         import torch
@@ -223,17 +250,21 @@ class TorchStep:
             self.unet.set_attn_processor(processors)
         if case.get("remat"):  # mlmjax's config.remat: recompute the UNet's blocks in the backward pass
             self.unet.enable_gradient_checkpointing()
+        self.device = torch.device(device)
+        for module in (self.unet, self.text_encoder, self.contextualizer):
+            if module is not None:
+                module.to(self.device)
         self.unet.train()
         self.text_encoder.train()
-        self.alphas_cumprod = torch.tensor(case["alphas_cumprod"], dtype=torch.float32)
+        self.alphas_cumprod = torch.tensor(case["alphas_cumprod"], dtype=torch.float32, device=self.device)
         self.params = [p for module in (self.unet, self.text_encoder) for p in module.parameters() if p.requires_grad]
         o = case["optimizer"]
         self.optimizer = torch.optim.AdamW(self.params, lr=case["learning_rate"], betas=(o["b1"], o["b2"]),
                                            eps=o["eps"], weight_decay=o["weight_decay"])
-        self.batch = {k.removeprefix("batch/"): torch.from_numpy(np.asarray(v)) for k, v in arrays.items()
-                      if k.startswith("batch/")}
-        self.first_draws = {k.removeprefix("draws/"): torch.from_numpy(np.asarray(v)) for k, v in arrays.items()
-                            if k.startswith("draws/")}
+        self.batch = {k.removeprefix("batch/"): torch.from_numpy(np.asarray(v)).to(self.device)
+                      for k, v in arrays.items() if k.startswith("batch/")}
+        self.first_draws = {k.removeprefix("draws/"): torch.from_numpy(np.asarray(v)).to(self.device)
+                            for k, v in arrays.items() if k.startswith("draws/")}
         self.autocast = case["compute_dtype"] == "bfloat16"
         self.calls = 0
 
@@ -263,8 +294,10 @@ class TorchStep:
 
         if self.calls == 0 and self.first_draws:
             return self.first_draws
-        return {"sample": torch.randn(rows, *latent_shape), "noise": torch.randn(rows, *latent_shape),
-                "timesteps": torch.randint(0, len(self.alphas_cumprod), (rows,))}
+        device = self.device
+        return {"sample": torch.randn(rows, *latent_shape, device=device),
+                "noise": torch.randn(rows, *latent_shape, device=device),
+                "timesteps": torch.randint(0, len(self.alphas_cumprod), (rows,), device=device)}
 
     def loss(self):
         """The total loss of the current batch (and its parts), with the graph for backward."""
@@ -286,7 +319,7 @@ class TorchStep:
             target = noise
         else:
             target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             if self.layer_tokens is None:
                 context = self._encode(ids)
             else:
@@ -302,7 +335,7 @@ class TorchStep:
             parts["loss_prior"] = per_example[instance:].mean()
             loss = loss + self.case["prior_weight"] * parts["loss_prior"]
         if self.contextualizer is not None:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 hidden = self._encode(b["mlm_input_ids"].long())
                 features = self.contextualizer.encode(hidden)
                 mask = b["mlm_mask"].bool()
@@ -334,13 +367,13 @@ def load_case(case_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
     return case, arrays
 
 
-def run_case(case_dir: str, *, warmup: int, repeats: int) -> dict[str, Any]:
-    """Builds the reference step of a case folder and times it: one row of the benchmark."""
+def run_case(case_dir: str, *, warmup: int, repeats: int, device: str = "cpu") -> dict[str, Any]:
+    """Builds the reference step of a case folder and times it on ``device``: one row of the benchmark."""
     import torch
 
     case, arrays = load_case(case_dir)
     start = time.perf_counter()
-    step = TorchStep(case, arrays)
+    step = TorchStep(case, arrays, device)
     build_seconds = time.perf_counter() - start
     rss_before = peak_rss_bytes()
     first = step.step()  # the JAX step's draws: comparable loss
@@ -348,21 +381,28 @@ def run_case(case_dir: str, *, warmup: int, repeats: int) -> dict[str, Any]:
     for i in range(warmup - 1 + repeats):
         start = time.perf_counter()
         metrics = step.step()
+        _synchronize(device)
         elapsed = time.perf_counter() - start
         if i >= warmup - 1:
             times.append(elapsed)
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {i + 1}")
+    on_gpu = device == "cuda"
     return {"framework": "torch", "times_s": times, "first_loss": first, "build_s": build_seconds,
             "trainable_params": step.num_trainable(), "peak_rss_bytes": peak_rss_bytes(),
             "rss_before_step_bytes": rss_before, "threads": torch.get_num_threads(),
-            "versions": {"torch": torch.__version__}}
+            "versions": {"torch": torch.__version__}, "device": device,
+            "device_kind": torch.cuda.get_device_name() if on_gpu else None,
+            "device_peak_bytes": torch.cuda.max_memory_allocated() if on_gpu else None}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="one PyTorch row of python -m mlmjax.bench (a subprocess)")
     parser.add_argument("--case", help="a case folder written by the JAX side")
-    parser.add_argument("--peak", action="store_true", help="measure the float32 matmul peak instead")
+    parser.add_argument("--peak", action="store_true", help="measure the matmul peak instead")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="the peak's dtype")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: a CUDA GPU where torch sees one, else the CPU")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0: torch's default")
@@ -372,7 +412,11 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    row = matmul_peak(repeats=args.repeats) if args.peak else run_case(args.case, warmup=max(1, args.warmup), repeats=args.repeats)
+    device = resolve_device(args.device)
+    if args.peak:
+        row = matmul_peak(repeats=args.repeats, dtype=args.dtype, device=device)
+    else:
+        row = run_case(args.case, warmup=max(1, args.warmup), repeats=args.repeats, device=device)
     with open(args.out, "w") as f:
         json.dump(row, f)
 

@@ -54,3 +54,88 @@ def test_bfloat16_inputs_keep_a_float32_softmax():
                                           max_scores=100, chunk_scores=100, upcast=True)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(out.astype(jnp.float32), _plain(q, k, v), atol=0.08)
+
+
+def _chunked_and_whole(q, k, v, mask):
+    def run(name):
+        def f(q, k, v):
+            with attention.implementation(name):
+                return attention.dot_product_attention(q, k, v, mask=mask, max_scores=100, chunk_scores=100)
+        return f
+
+    return run("auto"), run("whole")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_whole_implementation_never_chunks_and_computes_the_same(masked):
+    q, k, v, mask = _inputs()
+    chunked, whole = _chunked_and_whole(q, k, v, mask if masked else None)
+    np.testing.assert_allclose(whole(q, k, v), chunked(q, k, v), rtol=2e-5, atol=2e-6)
+    cotangent = jax.random.normal(jax.random.key(3), q.shape)
+    for got, want in zip(jax.vjp(whole, q, k, v)[1](cotangent), jax.vjp(chunked, q, k, v)[1](cotangent)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+    # XLA's cost analysis counts a loop's body once: the chunked forward (5 chunks of 5 queries) reads as
+    # a fifth of the products; the whole one as all of them, 2·2·B·H·Lq·Lk·D.
+    flops = {name: jax.jit(f).lower(q, k, v).cost_analysis()["flops"] for name, f in zip(("chunked", "whole"),
+                                                                                            (chunked, whole))}
+    products = 4 * 2 * 3 * 24 * 20 * 8
+    assert products <= flops["whole"] < 1.2 * products
+    assert flops["chunked"] < 0.4 * flops["whole"]
+
+
+def test_implementation_is_scoped_and_checked():
+    assert attention.current_implementation() == "auto"
+    with attention.implementation("whole"):
+        with attention.implementation("chunked"):
+            assert attention.current_implementation() == "chunked"
+        assert attention.current_implementation() == "whole"
+    assert attention.current_implementation() == "auto"
+    with pytest.raises(ValueError, match="'fast': choose from auto, chunked, whole, cudnn"):
+        with attention.implementation("fast"):
+            pass
+    q, k, v, mask = _inputs()
+    with attention.implementation("cudnn"), pytest.raises(ValueError, match="takes no mask"):
+        attention.dot_product_attention(q, k, v, mask=mask)
+
+
+def test_auto_uses_cudnn_only_for_half_precision_on_a_gpu():
+    q = jnp.zeros((1, 16, 2, 40), jnp.bfloat16)
+    on_gpu = jax.default_backend() == "gpu"
+    assert attention._cudnn_applies(q, q, None) == on_gpu
+    assert not attention._cudnn_applies(q.astype(jnp.float32), q, None)
+    assert not attention._cudnn_applies(q, q, jnp.ones((1, 1, 16, 16), bool))
+    assert not attention._cudnn_applies(q, jnp.zeros((1, 77, 2, 40), jnp.bfloat16), None)  # odd: the text tokens
+    wide, odd_width = (jnp.zeros((1, 16, 2, width), jnp.bfloat16) for width in (160, 36))
+    assert not attention._cudnn_applies(wide, wide, None)  # wider than 128
+    assert not attention._cudnn_applies(odd_width, odd_width, None)  # not a multiple of 8
+
+
+def _relative_error(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention runs on a CUDA GPU only")
+@pytest.mark.parametrize("q_len, k_len, width", [(4096, 4096, 40), (1024, 1024, 80), (256, 78, 64)])
+def test_auto_runs_cudnn_on_a_gpu_and_matches_float32_attention(q_len, k_len, width):
+    """SD 1.5's self- and cross-attention shapes in bfloat16: cuDNN's kernel is the one compiled, and its
+    output and gradients are within bfloat16 rounding (≤ 1e-2 relative L2) of float32 whole attention."""
+    keys = jax.random.split(jax.random.key(q_len + k_len), 4)
+    q = jax.random.normal(keys[0], (2, q_len, 8, width))
+    k, v = (jax.random.normal(key, (2, k_len, 8, width)) for key in keys[1:3])
+    cotangent = jax.random.normal(keys[3], q.shape)
+
+    def run(name, dtype):
+        def f(q, k, v):
+            with attention.implementation(name):
+                return attention.dot_product_attention(q, k, v).astype(jnp.float32)
+        args = [x.astype(dtype) for x in (q, k, v)]
+        out, vjp = jax.vjp(jax.jit(f), *args)
+        return out, vjp(cotangent), jax.jit(f).lower(*args).compile().as_text()
+
+    fused, fused_grads, fused_hlo = run("auto", jnp.bfloat16)
+    reference, reference_grads, _ = run("whole", jnp.float32)
+    assert "cudnn" in fused_hlo.lower()
+    assert _relative_error(fused, reference) <= 1e-2
+    for got, want in zip(fused_grads, reference_grads):
+        assert _relative_error(got, want) <= 1e-2

@@ -109,3 +109,34 @@ def test_bad_flags_are_user_errors():
     proc = subprocess.run([sys.executable, "-m", "mlmjax.bench", "--methods=ti,foo"], capture_output=True, text=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --methods=ti,foo"), proc.stderr
+
+
+def _result(mlm: bool, median_ms: float, flops: float) -> dict:
+    machine = {"cpu": "test cpu", "cores": 2, "load_average": [1.0] * 3, "versions": {"jax": "0"}, "xla_flags": "",
+               "date": "today", "accelerator": "Test GPU"}
+    row = {field: None for field in bench_report.ROW_FIELDS}
+    row.update(method="dreambooth", mlm=mlm, size="sd15", framework="jax", batch=1, prior_batch=1,
+               mlm_batch=25 if mlm else 0, median_ms=median_ms, q1_ms=median_ms, q3_ms=median_ms,
+               examples_per_s=2000 / median_ms, flops=flops)
+    return {"machine": machine, "rows": [row], "mlm": [], "sharded_memory": [],
+            "matmul_peak": {"jax": {"flops_per_s": 6e14, "dtype": "bfloat16", "size": 8192}, "flops_per_s": 6e14}}
+
+
+def test_report_merges_runs_and_recomputes_mlm_cost(tmp_path):
+    paths = []
+    for mlm, median_ms, flops in ((False, 200.0, 4e12), (True, 230.0, 5e12)):
+        paths.append(tmp_path / f"{mlm}.json")
+        paths[-1].write_text(json.dumps(_result(mlm, median_ms, flops)))
+    merged = bench_report.merge([json.loads(p.read_text()) for p in paths])
+    (cost,) = merged["mlm"]
+    assert math.isclose(cost["extra_time"], 0.15) and math.isclose(cost["extra_flops"], 0.25)
+    proc = subprocess.run([sys.executable, "-m", "mlmjax.bench_report", *map(str, paths)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Machine: Test GPU with test cpu" in proc.stdout and "Bfloat16 8192² matmul peak" in proc.stdout
+    assert "| sd15 | dreambooth | jax | 25 | +15.0% | +25.0% |" in proc.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    proc = subprocess.run([sys.executable, "-m", "mlmjax.bench_report", str(bad)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"{bad}: not a benchmark result"), proc.stderr

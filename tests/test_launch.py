@@ -317,6 +317,44 @@ def test_local_runs_train_with_the_arguments(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------
+# gpu_bench.sh
+
+
+GPU_BENCH = os.path.join(LAUNCH, "gpu_bench.sh")
+
+
+def test_gpu_bench_syntax_help_and_usage_errors(tmp_path):
+    assert _run(["bash", "-n", GPU_BENCH]).returncode == 0 and os.access(GPU_BENCH, os.X_OK)
+    help_text = _run([GPU_BENCH, "--help"])
+    assert help_text.returncode == 0 and "OUT_DIR [BENCHMARK ...]" in help_text.stdout
+    assert "set -uo" not in help_text.stdout  # the header comment only
+    assert _run([GPU_BENCH]).returncode == 2
+    unknown = _run([GPU_BENCH, str(tmp_path / "out"), "dreambooth_off", "sd3"])
+    assert unknown.returncode == 2 and "unknown benchmark 'sd3'" in unknown.stderr
+    assert not (tmp_path / "out").exists(), "a usage error must not create the output folder"
+
+
+def test_gpu_bench_runs_the_attention_check_then_each_benchmark_named(tmp_path):
+    stubs = _stub_bin(tmp_path)
+    (stubs / "nvidia-smi").write_text("#!/bin/sh\necho 'Test GPU, 80 GiB, 1.0'\n")
+    (stubs / "nvidia-smi").chmod(0o755)
+    out = tmp_path / "out"
+    result = _run([GPU_BENCH, str(out), "dreambooth_off", "dreambooth_off_chunked"],
+                  env={"PATH": f"{stubs}:{os.environ['PATH']}", "MLMJAX_PYTHON": str(stubs / "python"),
+                       "STUB_LOG": str(tmp_path / "calls.jsonl")})
+    assert result.returncode == 0, result.stderr
+    calls = [call["args"] for call in _calls(tmp_path)]
+    assert calls[0][0] == "-c" and calls[1][:3] == ["-m", "pytest", "-q"] and calls[1][-2:] == ["-k", "cudnn"]
+    common = ["-m", "mlmjax.bench", "--size", "sd15", "--compute_dtype", "bfloat16", "--repeats", "10", "--warmup", "3"]
+    assert calls[2] == [*common, "--json", f"{out}/dreambooth_off.json", "--methods", "dreambooth", "--mlm", "off"]
+    assert calls[3] == [*common, "--json", f"{out}/dreambooth_off_chunked.json", "--methods", "dreambooth", "--mlm",
+                        "off", "--framework", "jax", "--attention", "chunked"]
+    assert len(calls) == 4
+    log = (out / "log.txt").read_text()
+    assert "Test GPU" in log and "== dreambooth_off: exit status 0" in log
+
+
+# ---------------------------------------------------------------------------------------------------
 # sweep.py: units
 
 

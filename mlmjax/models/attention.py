@@ -5,11 +5,19 @@ scores (and keeping them for the backward pass) cost the old diffusers Flax UNet
 queries are processed in chunks, so the forward pass holds one chunk of scores at a time and keeps only
 the output and each query's log-normaliser; the backward pass makes each chunk's scores again and
 takes its gradients from those (FlashAttention's backward pass, chunked over queries only).
+
+On a GPU, bfloat16/float16 attention whose head width cuDNN takes goes to cuDNN's fused kernel
+instead (``jax.nn.dot_product_attention(implementation="cudnn")``), which keeps the scores on chip.
+``implementation(name)`` overrides the choice while a function is traced: ``"whole"`` holds every
+score matrix whole, which is what a FLOP count of the model wants (XLA's cost analysis counts the
+body of the chunk loop once, so a chunked step's count misses all but one chunk).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +30,44 @@ DEFAULT_MAX_SCORES = 1 << 18
 # 4096-token self-attention (8 heads of 40, batch 1) ran forward in 363 ms with 256-query chunks
 # against 419 ms with 64 (and 671 ms before the heads moved ahead of the positions, below).
 DEFAULT_CHUNK_SCORES = 1 << 20
+
+# "auto": cuDNN's fused kernel where it applies (see _cudnn_applies), else whole below max_scores and
+# chunked above; "chunked" never uses cuDNN; "whole" never chunks; "cudnn" always (a GPU only).
+IMPLEMENTATIONS = ("auto", "chunked", "whole", "cudnn")
+# cuDNN's fused attention: half-precision inputs, head width a multiple of 8 up to 128 (its limits in
+# jax's cudnn wrapper); SD 1.5's 4096- and 1024-token self-attentions (widths 40 and 80) qualify.
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+_CUDNN_MAX_HEAD_WIDTH = 128
+_choice = threading.local()
+
+
+@contextlib.contextmanager
+def implementation(name: str):
+    """Within the block, attention traced in this thread uses ``name`` (one of ``IMPLEMENTATIONS``).
+
+    A jitted function keeps what it was traced with: enter the block before its first call (or its
+    ``lower``), e.g. ``with implementation("whole"): jax.jit(step).lower(...).cost_analysis()``.
+    """
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {name!r}: choose from {', '.join(IMPLEMENTATIONS)}")
+    previous = getattr(_choice, "name", "auto")
+    _choice.name = name
+    try:
+        yield
+    finally:
+        _choice.name = previous
+
+
+def current_implementation() -> str:
+    """The implementation attention traced now uses (``"auto"`` outside any ``implementation`` block)."""
+    return getattr(_choice, "name", "auto")
+
+
+def _cudnn_applies(q, k, mask) -> bool:
+    # Its backward pass also wants even sequence lengths (jax 0.11, cuDNN 9.19): not the 77 text tokens.
+    return (jax.default_backend() == "gpu" and mask is None and q.dtype in _CUDNN_DTYPES
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= _CUDNN_MAX_HEAD_WIDTH
+            and q.shape[1] % 2 == 0 and k.shape[1] % 2 == 0)
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
@@ -125,12 +171,25 @@ def dot_product_attention(
       max_scores: largest ``Lq × Lk`` held whole; above it the queries are split into chunks whose
         scores the backward pass makes again (FlashAttention's backward pass) instead of keeping them.
       chunk_scores: largest ``chunk × Lk`` of one such chunk.
+
+    Which of these runs is ``implementation``'s choice (module docstring); cuDNN takes no mask and
+    no ``upcast`` (its scores accumulate in float32 anyway).
     """
+    name = current_implementation()
+    if name == "cudnn":
+        if mask is not None:
+            raise ValueError("attention implementation 'cudnn' takes no mask; use 'auto'")
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    if name == "auto" and _cudnn_applies(q, k, mask):
+        try:
+            return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+        except (NotImplementedError, ValueError, RuntimeError):  # shapes this cuDNN version refuses: XLA's
+            pass
     q_len, k_len = q.shape[1], k.shape[1]
     # Heads ahead of positions, once for the whole layer: every chunk's two products then read
     # contiguous [L, D] blocks instead of transposing k and v again in each of its iterations.
     q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
-    if q_len * k_len <= max_scores:
+    if q_len * k_len <= max_scores or name == "whole":
         return jnp.swapaxes(_attend(q, k, v, mask, upcast), 1, 2)
     chunk = _largest_divisor_at_most(q_len, max(1, chunk_scores // k_len))
     if mask is not None:
