@@ -27,8 +27,9 @@ class Compiled:
     Attributes:
       executable: call it like the jitted function (same argument shapes and shardings).
       compile_seconds: wall time of lowering plus compiling (a persistent-cache hit is fast).
-      flops: XLA's count for one call, all devices together; None where the backend gives none. It
-        counts each loop's body once: a step that loops over attention or vocabulary chunks does more
+      flops: XLA's count for one call on one device (a sharded step's count is each device's share;
+        a lowered, unpartitioned step's count is the whole step's); None where the backend gives
+        none. It counts each loop's body once: a step that loops over attention or vocabulary chunks does more
         (``mlmjax.bench_cases.model_flops`` counts the model's FLOPs without the loops).
       memory: bytes per device: ``argument``, ``output``, ``temp`` (XLA's temporaries: the
         activations kept for the backward pass live here), ``alias`` (outputs written into donated
