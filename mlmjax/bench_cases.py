@@ -307,9 +307,12 @@ def model_flops(state, batch, rng) -> float | None:
     from mlmjax import train_step as train_step_lib
     from mlmjax.models import attention
 
+    def step(*args):  # a new function: jax's trace caches cannot hand back the step traced with chunks
+        return train_step_lib.train_step(*args)
+
     state = state.replace(spec=dataclasses.replace(state.spec, vocab_chunk=None))
     with attention.implementation("whole"):
-        return aot.flops(jax.jit(train_step_lib.train_step).lower(state, batch, rng))
+        return aot.flops(jax.jit(step).lower(state, batch, rng))
 
 
 def mlm_flop_variants(state, batch, rng) -> dict[str, Any]:

@@ -83,6 +83,18 @@ def test_whole_implementation_never_chunks_and_computes_the_same(masked):
     assert flops["chunked"] < 0.4 * flops["whole"]
 
 
+def test_a_new_function_traced_in_the_block_gets_the_implementation():
+    q, k, v, _ = _inputs()
+
+    def f(q):
+        return attention.dot_product_attention(q, k, v, max_scores=100, chunk_scores=100)
+
+    chunked = jax.jit(f).lower(q).cost_analysis()["flops"]  # f's trace is now in JAX's caches
+    with attention.implementation("whole"):
+        fresh = jax.jit(lambda q: f(q)).lower(q).cost_analysis()["flops"]
+    assert fresh > 3 * chunked
+
+
 def test_implementation_is_scoped_and_checked():
     assert attention.current_implementation() == "auto"
     with attention.implementation("whole"):

@@ -45,8 +45,10 @@ _choice = threading.local()
 def implementation(name: str):
     """Within the block, attention traced in this thread uses ``name`` (one of ``IMPLEMENTATIONS``).
 
-    A jitted function keeps what it was traced with: enter the block before its first call (or its
-    ``lower``), e.g. ``with implementation("whole"): jax.jit(step).lower(...).cost_analysis()``.
+    The choice is read while tracing and is not part of JAX's trace caches: a function already traced
+    for the same arguments, even wrapped by a new ``jax.jit``, keeps what it was traced with. Trace a
+    new function inside the block, e.g. ``def whole_step(*a): return step(*a)``, then
+    ``jax.jit(whole_step).lower(...).cost_analysis()``.
     """
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {name!r}: choose from {', '.join(IMPLEMENTATIONS)}")
