@@ -83,13 +83,15 @@ def _worker(args: list[str], env: dict | None = None, timeout: float | None = No
         try:
             proc = subprocess.run([sys.executable, *args, "--out", out], env=env, capture_output=True, text=True,
                                   timeout=timeout)
+            error = None
         except subprocess.TimeoutExpired:
-            return None, f"timed out after {timeout} s"
-        if proc.returncode or not os.path.isfile(out):
+            error = f"timed out after {timeout:g} s"
+        if error is None and (proc.returncode or not os.path.isfile(out)):
             lines = (proc.stderr or proc.stdout or "").strip().splitlines()
             reason = "killed (out of memory?)" if proc.returncode in (-9, 137) else (lines[-1] if lines else "")
             error = f"exit status {proc.returncode}: {reason}"[:500]
-            if os.path.isfile(out + PARTIAL_SUFFIX):  # compiled, then failed: keep the compiler's numbers
+        if error is not None:
+            if os.path.isfile(out + PARTIAL_SUFFIX):  # compiled (and maybe timed), then failed: keep that
                 with open(out + PARTIAL_SUFFIX) as f:
                     return {**json.load(f), "error": error}, error
             return None, error
@@ -141,7 +143,8 @@ def run(options: dict) -> dict[str, Any]:
                     json.dump(request, f)
                 base = {"method": method, "mlm": mlm, "size": options["size"], "compute_dtype": options["compute_dtype"],
                         "repeats": options["repeats"], "warmup": options["warmup"], "remat": options.get("remat", False)}
-                prepared, error = _worker(_jax_worker_args("jax", request_path) + [f"--case={case_dir}"], env)
+                prepared, error = _worker(_jax_worker_args("jax", request_path) + [f"--case={case_dir}"], env,
+                                          options.get("timeout"))
                 jax_row = torch_row = None
                 if "jax" in options["frameworks"]:
                     jax_row = bench_report.finish_row(prepared or {"framework": "jax", "error": error}, base, peak,
@@ -154,7 +157,7 @@ def run(options: dict) -> dict[str, Any]:
                     else:
                         result, error = _worker(["-m", "mlmjax.bench_torch", f"--case={case_dir}",
                                                  f"--warmup={options['warmup']}", f"--repeats={options['repeats']}",
-                                                 *torch_args], env)
+                                                 *torch_args], env, options.get("timeout"))
                     torch_row = bench_report.finish_row(result or {"framework": "torch", "error": error}, base,
                                                         peak, jax_row or prepared or {})
                     rows.append(torch_row)
@@ -250,6 +253,8 @@ def define_flags() -> None:
     flags.DEFINE_enum("torch_device", "auto", ("auto", "cpu", "cuda"), "PyTorch's device; auto: a CUDA GPU where "
                       "torch sees one, else the CPU")
     flags.DEFINE_integer("sharded_devices", 8, "host devices (= fsdp size) of --sharded_memory")
+    flags.DEFINE_float("timeout", None, "seconds each configuration's JAX or PyTorch subprocess may run; a JAX "
+                       "step cut off keeps what it had measured (compiled, then timed, then its FLOPs counted)")
     flags.DEFINE_string("json", None, "write the rows (and the machine) to this JSON file")
     flags.DEFINE_bool("markdown", False, "print README-ready tables")
     flags.DEFINE_bool("compilation_cache", False, "use the persistent compilation cache (compile s then measures a "
@@ -281,6 +286,8 @@ def main(argv: list[str]) -> None:
         frameworks = []
     if not frameworks and not (f.sharded_memory or f.compile_only):
         runtime.fail("--framework=none measures nothing without --sharded_memory or --compile_only")
+    if f.timeout is not None and f.timeout <= 0:
+        runtime.fail(f"--timeout={f.timeout:g}: give a positive number of seconds")
     if f.repeats < 1 or f.warmup < 1:
         runtime.fail(f"--repeats={f.repeats} and --warmup={f.warmup} must be at least 1")
     options = {"methods": _split(f.methods, config_lib.METHODS, "methods"),
@@ -290,6 +297,7 @@ def main(argv: list[str]) -> None:
                "sharded_devices": f.sharded_devices, "compilation_cache": f.compilation_cache,
                "torch_threads": f.torch_threads, "compile_only": f.compile_only, "remat": f.remat,
                "peak_repeats": f.peak_repeats, "attention": f.attention, "torch_device": f.torch_device,
+               "timeout": f.timeout,
                "log": lambda message: print(message, file=sys.stderr, flush=True)}
     if not os.path.isdir(f.configs):
         runtime.fail(f"--configs={f.configs}: not a folder; point it at the repository's configs/")

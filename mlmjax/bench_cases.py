@@ -385,11 +385,7 @@ def run_jax_case(request: dict, case_dir: str, partial: str | None = None) -> di
     row.update(compile_s=compiled.compile_seconds, flops_compiled=compiled.flops, memory=compiled.memory,
                compiled_peak_bytes=None if compiled.memory is None else compiled.memory["peak_bytes"])
     row["peak_memory_bytes"] = row["compiled_peak_bytes"]
-    row.update(mlm_flop_variants(state, device_batch, rng) if request["mlm"] else {})
-    row["flops"] = row["flops_lowered_masked"] if request["mlm"] else model_flops(state, device_batch, rng)
-    if partial:  # what the compiler says survives a step that runs out of memory
-        with open(partial, "w") as f:
-            json.dump(row, f)
+    _save_partial(partial, row)  # what the compiler says survives a step that runs out of memory
     rss_before = bench_torch.peak_rss_bytes()
     state, metrics = compiled(state, device_batch, rng)
     first = {k: float(v) for k, v in metrics.items() if k.startswith("loss")}
@@ -408,7 +404,19 @@ def run_jax_case(request: dict, case_dir: str, partial: str | None = None) -> di
     row.update(times_s=times, first_loss=first, rss_before_step_bytes=rss_before,
                peak_rss_bytes=bench_torch.peak_rss_bytes(), max_masked=built.max_masked,
                device_peak_bytes=_device_peak_bytes())
+    _save_partial(partial, row)  # the timed steps survive a FLOP count cut short
+    # Counted last (lowering an SD 1.5 step again takes a while): the state is the last step's, of the
+    # same shapes.
+    row.update(mlm_flop_variants(state, device_batch, rng) if request["mlm"] else {})
+    row["flops"] = row["flops_lowered_masked"] if request["mlm"] else model_flops(state, device_batch, rng)
+    _log(f"model FLOPs {row['flops'] / 1e9:.4g} G per step")
     return row
+
+
+def _save_partial(path: str | None, row: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(row, f)
 
 
 def sharded_memory(request: dict) -> dict[str, Any]:

@@ -112,6 +112,9 @@ def test_bad_flags_are_user_errors():
     proc = subprocess.run([sys.executable, "-m", "mlmjax.bench", "--methods=ti,foo"], capture_output=True, text=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --methods=ti,foo"), proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "mlmjax.bench", "--timeout=0"], capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --timeout=0: give a positive"), proc.stderr
 
 
 def _result(mlm: bool, median_ms: float, flops: float) -> dict:
@@ -143,3 +146,16 @@ def test_report_merges_runs_and_recomputes_mlm_cost(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mlmjax.bench_report", str(bad)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 1 and proc.stderr.startswith(f"{bad}: not a benchmark result"), proc.stderr
+
+
+def test_a_worker_cut_off_by_the_timeout_keeps_what_it_had_measured():
+    from mlmjax import bench
+
+    writes_then_hangs = ("import json, sys, time; out = sys.argv[2]; "
+                         "json.dump({'framework': 'jax', 'compile_s': 1.5, 'times_s': [0.2, 0.3]}, "
+                         f"open(out + {bench.PARTIAL_SUFFIX!r}, 'w')); time.sleep(60)")
+    row, error = bench._worker(["-c", writes_then_hangs], timeout=5)
+    assert error == "timed out after 5 s"
+    assert row == {"framework": "jax", "compile_s": 1.5, "times_s": [0.2, 0.3], "error": error}
+    row, error = bench._worker(["-c", "import time; time.sleep(60)"], timeout=2)
+    assert row is None and error == "timed out after 2 s"
