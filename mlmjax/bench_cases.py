@@ -25,9 +25,6 @@ import numpy as np
 from mlmjax import bench_torch
 from mlmjax import config as config_lib
 
-MATMUL_SIZE = 2048
-ACCELERATOR_MATMUL_SIZE = 8192
-
 # Stable Diffusion 1.5 shapes (diffusers / transformers configs). Random weights: nothing is downloaded.
 SD15_UNET_CONFIG = {
     "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
@@ -72,11 +69,6 @@ def describe_machine() -> dict[str, Any]:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def matmul_size(platform: str) -> int:
-    """The peak's matrix size: 2048² already saturates a CPU; an accelerator needs 8192² to fill it."""
-    return MATMUL_SIZE if platform == "cpu" else ACCELERATOR_MATMUL_SIZE
-
-
 def jax_matmul_peak(size: int | None = None, repeats: int = 10, dtype: str = "float32") -> dict[str, Any]:
     """Achieved FLOP/s of a jitted ``size × size`` matrix multiply in ``dtype`` on the default device
     (random operands: zeros multiply faster on some accelerators): median of ``repeats``."""
@@ -84,7 +76,7 @@ def jax_matmul_peak(size: int | None = None, repeats: int = 10, dtype: str = "fl
     import jax.numpy as jnp
 
     device = jax.devices()[0]
-    size = size or matmul_size(device.platform)
+    size = size or bench_torch.matmul_size(device.platform)
     keys = jax.random.split(jax.random.key(0))
     a, b = (jax.random.normal(k, (size, size), jnp.dtype(dtype)) for k in keys)
     matmul = jax.jit(jnp.matmul)
@@ -383,8 +375,7 @@ def run_jax_case(request: dict, case_dir: str, partial: str | None = None) -> di
         compiled = aot.compile_step(jitted, state, device_batch, rng)
     _log(compiled.describe())
     row.update(compile_s=compiled.compile_seconds, flops_compiled=compiled.flops, memory=compiled.memory,
-               compiled_peak_bytes=None if compiled.memory is None else compiled.memory["peak_bytes"])
-    row["peak_memory_bytes"] = row["compiled_peak_bytes"]
+               peak_memory_bytes=None if compiled.memory is None else compiled.memory["peak_bytes"])
     _save_partial(partial, row)  # what the compiler says survives a step that runs out of memory
     rss_before = bench_torch.peak_rss_bytes()
     state, metrics = compiled(state, device_batch, rng)

@@ -12,7 +12,7 @@ import math
 import statistics
 import sys
 
-from mlmjax import bench_cases
+from mlmjax import bench_torch
 
 FRAMEWORKS = ("jax", "torch")
 ROW_FIELDS = ("method", "mlm", "size", "framework", "compute_dtype", "batch", "prior_batch", "mlm_batch",
@@ -142,7 +142,7 @@ def markdown(result: dict) -> str:
     threads = sorted({r["threads"] for r in result["rows"] if r.get("threads")})
     measured = next((peak[fw] for fw in FRAMEWORKS if peak.get(fw)), None)
     if peaks:
-        dtype, size = measured.get("dtype", "float32"), measured.get("size", bench_cases.MATMUL_SIZE)
+        dtype, size = measured.get("dtype", "float32"), measured.get("size", bench_torch.MATMUL_SIZE)
         lines.append(f"{dtype.capitalize()} {size}² matmul peak: {', '.join(peaks)}."
                      + (f" PyTorch intra-op threads: {', '.join(map(str, threads))}." if threads else ""))
     lines.append("")
@@ -192,7 +192,6 @@ def markdown(result: dict) -> str:
                          f"{fmt(mem.get('argument'), '.2f', 2**30)} / {fmt(mem.get('temp'), '.2f', 2**30)} | "
                          f"{fmt(s.get('flops'), '.4g', 1e9)} | {s['compile_s']:.0f} |")
     return "\n".join(lines)
-
 
 
 # ---------------------------------------------------------------------------------------------------

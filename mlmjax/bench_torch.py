@@ -52,6 +52,16 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+# The peak's matrix size (both frameworks): 2048² already saturates a CPU; an accelerator needs 8192².
+MATMUL_SIZE = 2048
+ACCELERATOR_MATMUL_SIZE = 8192
+
+
+def matmul_size(platform: str) -> int:
+    """The peak's matrix size on ``platform`` ("cpu", or jax's "gpu"/"tpu", torch's "cuda")."""
+    return MATMUL_SIZE if platform == "cpu" else ACCELERATOR_MATMUL_SIZE
+
+
 def resolve_device(name: str) -> str:
     """``"auto"``: ``"cuda"`` where torch sees a GPU, else ``"cpu"``."""
     import torch
@@ -76,7 +86,7 @@ def matmul_peak(size: int | None = None, repeats: int = 10, dtype: str = "float3
     random operands), in ``dtype`` on ``device``: median of ``repeats``."""
     import torch
 
-    size = size or (2048 if device == "cpu" else 8192)
+    size = size or matmul_size(device)
     a, b = (torch.randn(size, size, dtype=getattr(torch, dtype), device=device) for _ in range(2))
     for _ in range(2):
         torch.mm(a, b)

@@ -185,8 +185,8 @@ def dot_product_attention(
     if name == "auto" and _cudnn_applies(q, k, mask):
         try:
             return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-        except (NotImplementedError, ValueError, RuntimeError):  # shapes this cuDNN version refuses: XLA's
-            pass
+        except (NotImplementedError, ValueError, RuntimeError):  # refused while tracing: XLA's path.
+            pass  # (What jax checks only when differentiating, _cudnn_applies must rule out itself.)
     q_len, k_len = q.shape[1], k.shape[1]
     # Heads ahead of positions, once for the whole layer: every chunk's two products then read
     # contiguous [L, D] blocks instead of transposing k and v again in each of its iterations.
