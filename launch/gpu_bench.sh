@@ -10,8 +10,9 @@
 #    instance + one class image, UNet + text encoder, AdamW; MLM off, on), ti_off, ti_on (Textual
 #    Inversion, batch 4), and dreambooth_off_chunked (JAX only, the CPU's chunked attention instead of
 #    cuDNN's). The achieved share of the card's bf16 matmul peak is the model FLOP utilisation.
-# Each benchmark writes OUT_DIR/<name>.json (python -m mlmjax.bench --json); everything printed goes to
-# OUT_DIR/log.txt too. On an H100 the JAX side of one benchmark takes about 4 minutes, most of it the
+# Each benchmark writes OUT_DIR/<name>.json (python -m mlmjax.bench --json), with a profile of three more
+# JAX steps (where the time goes: by kind of operation, by model and pass; traces in OUT_DIR/profile);
+# everything printed goes to OUT_DIR/log.txt too. On an H100 the JAX side of one benchmark takes about 4 minutes, most of it the
 # cold compile (154 s for DreamBooth), and the PyTorch side about 1. Environment: MLMJAX_PYTHON (default
 # python3), MLMJAX_GPU_BENCH_REPEATS (10), MLMJAX_GPU_BENCH_STEP_SECONDS, the limit of each side of each
 # benchmark (300; a JAX side cut off keeps what it had measured: compiled, timed, FLOPs counted last).
@@ -67,7 +68,7 @@ bench() {  # bench NAME FLAGS...: one time-boxed benchmark run, its rows in OUT_
   echo "== $name: $*"
   # Each side's own limit keeps the driver alive to write the JSON; the outer one covers the peaks too.
   timeout $((3 * limit)) "$python" -m mlmjax.bench --size sd15 --compute_dtype bfloat16 --repeats "$repeats" \
-    --warmup 3 --timeout "$limit" --json "$out/$name.json" "$@"
+    --warmup 3 --timeout "$limit" --json "$out/$name.json" --profile "$out/profile" "$@"
   echo "== $name: exit status $?"
 }
 for name in "${names[@]}"; do

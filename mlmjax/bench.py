@@ -20,9 +20,11 @@ machine's matrix-multiply peak in the compute dtype (measured in the same run by
 model FLOP utilisation against what the card sustains), peak memory (JAX: the compiled memory
 analysis, argument + output + temporaries - donated aliases; on a GPU both frameworks report their
 allocator's peak instead; both: the subprocess's peak RSS), and the JAX/PyTorch time and memory
-ratios. PyTorch rows use the JAX step's FLOPs (the same computation). On a GPU the PyTorch reference
-runs there too (``--torch_device``), and the JAX step uses cuDNN's fused attention for half-precision
-inputs (``--attention``).
+ratios. PyTorch rows use the JAX step's FLOPs (the same computation). A step timed on an accelerator
+has its FLOPs counted afterwards in a CPU subprocess (XLA's GPU client gives no cost analysis of a
+lowered step; the count does not depend on the device), as has a JAX side cut off before counting.
+On a GPU the PyTorch reference runs there too (``--torch_device``), and the JAX step uses cuDNN's
+fused attention for half-precision inputs (``--attention``).
 
 Both frameworks run the same configuration on the same batch (built once by mlmjax's batch function
 and handed to PyTorch in a case folder). At the tiny size they also share the weights (the embedded
@@ -40,6 +42,12 @@ These are the model's FLOPs, counted on the step lowered with the plain projecti
 the cross-entropy in vocabulary chunks (``mlm.vocabulary_cross_entropy``), a loop whose body XLA's
 cost analysis counts once. With the projection frozen, as here, that loop makes the same 4·N·D·V
 FLOPs in one pass (the features' gradient is folded into the forward pass).
+
+``--profile DIR`` runs three more JAX steps under JAX's profiler after the timed ones and reports where
+their time goes (``mlmjax.profiling``): by kind of operation (matmul, convolution, cuDNN attention,
+reduction, elementwise, data movement) and by scope (each Flax model's forward and backward pass, and
+outside the models the function that issued the operation, such as ``mlm._chunked_statistics``); the
+traces stay in DIR for TensorBoard's profile plugin or Perfetto.
 
 ``--sharded_memory`` lowers DreamBooth at SD 1.5 shapes (UNet + text encoder + token trained, AdamW,
 bfloat16 compute, one instance and one class image per device, fsdp=8) from
@@ -106,7 +114,8 @@ def _jax_worker_args(kind: str, request_path: str | None = None) -> list[str]:
 
 def run(options: dict) -> dict[str, Any]:
     """The whole benchmark; ``options``: methods, mlm (list of bools), size, repeats, warmup, frameworks,
-    compute_dtype, configs, sharded_memory, compilation_cache, log (a callable for progress lines)."""
+    compute_dtype, configs, sharded_memory, compilation_cache, profile (a folder: profile the JAX steps), log (a
+    callable for progress lines)."""
     log = options.get("log") or (lambda message: None)
     machine = bench_cases.describe_machine()
     env = dict(os.environ)
@@ -137,7 +146,8 @@ def run(options: dict) -> dict[str, Any]:
                 request = {"method": method, "mlm": mlm, "size": options["size"], "repeats": options["repeats"],
                            "warmup": options["warmup"], "compute_dtype": options["compute_dtype"],
                            "configs": options["configs"], "prepare_only": "jax" not in options["frameworks"],
-                           "remat": options.get("remat", False), "attention": options.get("attention", "auto")}
+                           "remat": options.get("remat", False), "attention": options.get("attention", "auto"),
+                           "profile": options.get("profile") and os.path.abspath(options["profile"])}
                 request_path = os.path.join(case_dir, REQUEST_JSON)
                 with open(request_path, "w") as f:
                     json.dump(request, f)
@@ -145,6 +155,11 @@ def run(options: dict) -> dict[str, Any]:
                         "repeats": options["repeats"], "warmup": options["warmup"], "remat": options.get("remat", False)}
                 prepared, error = _worker(_jax_worker_args("jax", request_path) + [f"--case={case_dir}"], env,
                                           options.get("timeout"))
+                if "jax" in options["frameworks"] and prepared and prepared.get("flops") is None:
+                    # Timed on an accelerator (or cut off before counting): the model's FLOPs from the CPU.
+                    counted, flops_error = _worker(_jax_worker_args("flops", request_path),
+                                                   dict(env, JAX_PLATFORMS="cpu"), options.get("timeout"))
+                    prepared.update(counted or {"flops_error": flops_error})
                 jax_row = torch_row = None
                 if "jax" in options["frameworks"]:
                     jax_row = bench_report.finish_row(prepared or {"framework": "jax", "error": error}, base, peak,
@@ -213,6 +228,8 @@ def _worker_main(kind: str, request_path: str | None, case_dir: str | None, out:
         row = bench_cases.jax_matmul_peak(repeats=request.get("peak_repeats", 10), dtype=compute_dtype)
     elif kind == "jax":
         row = bench_cases.run_jax_case(request, case_dir, partial=out + PARTIAL_SUFFIX)
+    elif kind == "flops":
+        row = bench_cases.count_flops(request)
     elif kind == "sharded":
         row = bench_cases.sharded_memory(request)
     else:
@@ -252,6 +269,8 @@ def define_flags() -> None:
                       "2^18 scores (mlmjax.models.attention)")
     flags.DEFINE_enum("torch_device", "auto", ("auto", "cpu", "cuda"), "PyTorch's device; auto: a CUDA GPU where "
                       "torch sees one, else the CPU")
+    flags.DEFINE_string("profile", None, "JAX: also run 3 steps under the profiler after the timed ones and "
+                        "report where their time goes (mlmjax.profiling); the traces go to this folder")
     flags.DEFINE_integer("sharded_devices", 8, "host devices (= fsdp size) of --sharded_memory")
     flags.DEFINE_float("timeout", None, "seconds each configuration's JAX or PyTorch subprocess may run; a JAX "
                        "step cut off keeps what it had measured (compiled, then timed, then its FLOPs counted)")
@@ -263,7 +282,7 @@ def define_flags() -> None:
                          "machine 1 avoids a 10-50x slowdown from threads waiting on each other")
     flags.DEFINE_string("configs", config_lib.CONFIGS_DIR, "the folder of method configs (the repository's configs/)")
     # Internal: what the subprocesses run.
-    flags.DEFINE_enum("worker", None, ("peak", "jax", "sharded"), "internal: run one measurement")
+    flags.DEFINE_enum("worker", None, ("peak", "jax", "flops", "sharded"), "internal: run one measurement")
     flags.DEFINE_string("request", None, "internal")
     flags.DEFINE_string("case", None, "internal")
     flags.DEFINE_string("out", None, "internal")
@@ -297,7 +316,7 @@ def main(argv: list[str]) -> None:
                "sharded_devices": f.sharded_devices, "compilation_cache": f.compilation_cache,
                "torch_threads": f.torch_threads, "compile_only": f.compile_only, "remat": f.remat,
                "peak_repeats": f.peak_repeats, "attention": f.attention, "torch_device": f.torch_device,
-               "timeout": f.timeout,
+               "timeout": f.timeout, "profile": f.profile,
                "log": lambda message: print(message, file=sys.stderr, flush=True)}
     if not os.path.isdir(f.configs):
         runtime.fail(f"--configs={f.configs}: not a folder; point it at the repository's configs/")

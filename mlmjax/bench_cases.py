@@ -16,12 +16,14 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import types
 from typing import Any
 
 import numpy as np
 
+from mlmjax import bench_report
 from mlmjax import bench_torch
 from mlmjax import config as config_lib
 
@@ -395,13 +397,38 @@ def run_jax_case(request: dict, case_dir: str, partial: str | None = None) -> di
     row.update(times_s=times, first_loss=first, rss_before_step_bytes=rss_before,
                peak_rss_bytes=bench_torch.peak_rss_bytes(), max_masked=built.max_masked,
                device_peak_bytes=_device_peak_bytes())
+    if request.get("profile"):
+        state = _profile(row, request, compiled, state, device_batch, rng)
     _save_partial(partial, row)  # the timed steps survive a FLOP count cut short
+    if jax.default_backend() != "cpu":  # no cost analysis of a lowered step: the driver counts on the CPU
+        return row
     # Counted last (lowering an SD 1.5 step again takes a while): the state is the last step's, of the
     # same shapes.
-    row.update(mlm_flop_variants(state, device_batch, rng) if request["mlm"] else {})
-    row["flops"] = row["flops_lowered_masked"] if request["mlm"] else model_flops(state, device_batch, rng)
-    _log(f"model FLOPs {row['flops'] / 1e9:.4g} G per step")
+    row.update(_flop_fields(state, device_batch, rng, request["mlm"]), flops_counted_on="cpu")
+    _log(f"model FLOPs {bench_report.fmt(row['flops'], '.4g', 1e9)} G per step")
     return row
+
+
+def _profile(row: dict, request: dict, compiled, state, batch, rng):
+    """``row["profile"]``: a few more steps under the profiler (after the timed ones, so the timing is
+    the profiler's), summed by operation kind and scope; the trace goes to ``request["profile"]``."""
+    import jax
+
+    from mlmjax import profiling
+
+    carried = {"state": state}
+
+    def one_step():  # the step donates its state: carry the new one into the next call
+        carried["state"], metrics = compiled(carried["state"], batch, rng)
+        jax.block_until_ready((carried["state"], metrics))
+
+    folder = os.path.join(request["profile"], f"{request['size']}-{request['method']}-"
+                                              f"{'mlm' if request['mlm'] else 'plain'}")
+    row["profile"] = profiling.profile_calls(one_step, compiled.executable.as_text(), folder,
+                                             steps=request.get("profile_steps", 3))
+    _log(f"profiled: {row['profile']['op_ms_per_step']:.1f} ms of operations per step on the "
+         f"{row['profile']['where']}; trace {row['profile']['trace']}")
+    return carried["state"]
 
 
 def _save_partial(path: str | None, row: dict) -> None:
@@ -410,24 +437,22 @@ def _save_partial(path: str | None, row: dict) -> None:
             json.dump(row, f)
 
 
-def sharded_memory(request: dict) -> dict[str, Any]:
-    """Compiled per-device memory of the SD 1.5 step on an fsdp mesh over every device (one device:
-    ``--compile_only``), from abstract arrays only: no weight is allocated, nothing runs."""
+def _abstract_sd15_case(request: dict, mesh, case_dir: str):
+    """The SD 1.5 step of ``request`` on ``mesh`` from abstract arrays, no weight allocated:
+    ``(state, batch, rng)`` as ``jax.ShapeDtypeStruct``\\ s with their shardings, and the jitted step."""
     import jax
 
-    from mlmjax import aot
     from mlmjax import method as method_lib
     from mlmjax import sharding
     from mlmjax import train_step as train_step_lib
 
-    devices = jax.device_count()
-    mesh = sharding.make_mesh({"data": 1, "fsdp": devices, "tensor": 1})
+    devices = mesh.devices.size
     config = method_config(request["method"], request["mlm"], request["compute_dtype"], request["configs"],
                            request.get("remat", False))
     if request.get("per_device_batch"):
         config.batch_size = request["per_device_batch"] * devices
     model = abstract_sd15_model()
-    contextualizer = random_contextualizer(os.path.join(request["case_dir"], "contextualizer")) if request["mlm"] else None
+    contextualizer = random_contextualizer(os.path.join(case_dir, "contextualizer")) if request["mlm"] else None
     # build_state reads the init word's row of the token table on the host, so that one table is real
     # (0.15 GB of zeros); every other weight stays a ShapeDtypeStruct, traced by eval_shape.
     text_encoder = dict(model.params["text_encoder"])
@@ -463,14 +488,53 @@ def sharded_memory(request: dict) -> dict[str, Any]:
     key = jax.random.key(0)
     rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sharding.replicated(mesh))
     jitted = sharding.jit_step(train_step_lib.train_step, abstract_state, mesh)
-    compiled = aot.compile_step(jitted, state, abstract_batch, rng)
-    variants = mlm_flop_variants(state, abstract_batch, rng) if request["mlm"] and devices == 1 else {}
-    flops = variants["flops_lowered_masked"] if variants else model_flops(state, abstract_batch, rng)
-    return {**variants, "method": request["method"], "mlm": request["mlm"], "size": "sd15", "compute_dtype": config.compute_dtype,
-            "remat": bool(request.get("remat", False)),
+    return state, abstract_batch, rng, jitted
+
+
+def sharded_memory(request: dict) -> dict[str, Any]:
+    """Compiled per-device memory of the SD 1.5 step on an fsdp mesh over every device (one device:
+    ``--compile_only``), from abstract arrays only: no weight is allocated, nothing runs."""
+    import jax
+
+    from mlmjax import aot
+    from mlmjax import sharding
+
+    devices = jax.device_count()
+    mesh = sharding.make_mesh({"data": 1, "fsdp": devices, "tensor": 1})
+    state, batch, rng, jitted = _abstract_sd15_case(request, mesh, request["case_dir"])
+    compiled = aot.compile_step(jitted, state, batch, rng)
+    # The MLM variants lower the step twice more; at fsdp=8 only the memory is asked for.
+    counted = _flop_fields(state, batch, rng, request["mlm"] and devices == 1)
+    return {**counted, "method": request["method"], "mlm": request["mlm"], "size": "sd15",
+            "compute_dtype": request["compute_dtype"], "remat": bool(request.get("remat", False)),
             "mesh": dict(zip(sharding.AXES, (1, devices, 1))), "devices": devices, **_batch_rows(batch),
-            "compile_s": compiled.compile_seconds, "flops": flops, "flops_compiled": compiled.flops,
+            "compile_s": compiled.compile_seconds, "flops_compiled": compiled.flops,
             "memory_per_device": compiled.memory,
             "peak_bytes_per_device": None if compiled.memory is None else compiled.memory["peak_bytes"],
             "peak_rss_bytes": bench_torch.peak_rss_bytes()}
 
+
+def _flop_fields(state, batch, rng, mlm_variants: bool) -> dict[str, Any]:
+    """``flops`` (the model's FLOPs per step) and, with ``mlm_variants``, the MLM projection's variants."""
+    if mlm_variants:
+        variants = mlm_flop_variants(state, batch, rng)
+        return {**variants, "flops": variants["flops_lowered_masked"]}
+    return {"flops": model_flops(state, batch, rng)}
+
+
+def count_flops(request: dict) -> dict[str, Any]:
+    """The model FLOPs of a JAX row counted on this process's own backend, run on the host's CPU for a
+    step timed on an accelerator: XLA's GPU client gives no cost analysis of a lowered step (none on an
+    H100, jax 0.11.2), and the model's FLOPs do not depend on the device. SD 1.5 from abstract arrays."""
+    import jax
+
+    from mlmjax import sharding
+
+    with tempfile.TemporaryDirectory(prefix="mlmjax-bench-flops-") as scratch:
+        if request["size"] == "sd15":
+            mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+            state, batch, rng, _ = _abstract_sd15_case(request, mesh, scratch)
+        else:
+            state, batch, rng, _ = prepare_case(request, scratch)
+        counted = _flop_fields(state, batch, rng, request["mlm"])
+    return {**counted, "flops_counted_on": jax.default_backend()}

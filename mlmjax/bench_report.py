@@ -49,7 +49,7 @@ def finish_row(row: dict, base: dict, peak: float | None, jax_row: dict | None) 
         row["peak_memory_source"] = "peak RSS of the subprocess"
     elif row.get("flops") is not None:
         row["flops_source"] = ("XLA cost analysis of the step lowered with whole attention and the plain "
-                               "vocabulary projection")
+                               f"vocabulary projection, on {row.get('flops_counted_on') or 'the device'}")
         row["peak_memory_source"] = "compiled memory analysis (argument + output + temp - alias)"
     if row.get("device_peak_bytes"):  # an accelerator: what its allocator held at most, in both frameworks
         row["peak_memory_bytes"] = row["device_peak_bytes"]
@@ -191,7 +191,30 @@ def markdown(result: dict) -> str:
             lines.append(f"{head} {s['batch']} (+{s['prior_batch']}) | {fmt(s['peak_bytes_per_device'], '.2f', 2**30)} | "
                          f"{fmt(mem.get('argument'), '.2f', 2**30)} / {fmt(mem.get('temp'), '.2f', 2**30)} | "
                          f"{fmt(s.get('flops'), '.4g', 1e9)} | {s['compile_s']:.0f} |")
+    lines += _profile_tables([r for r in result["rows"] if r.get("profile")])
     return "\n".join(lines)
+
+
+def _profile_tables(rows: list[dict], scopes: int = 8) -> list[str]:
+    """Where the profiled JAX steps' time goes (``--profile``): ms per step by kind of operation, and the
+    ``scopes`` costliest scopes (model and pass, or the function outside the models) of each row."""
+    if not rows:
+        return []
+    from mlmjax import profiling
+
+    lines = ["", "| JAX step profiled | where | wall ms | op ms | " + " | ".join(profiling.CATEGORIES) + " |",
+             "|---|---|---|---|" + "---|" * len(profiling.CATEGORIES)]
+    for r in rows:
+        p = r["profile"]
+        lines.append(f"| {r['size']} {r['method']} MLM {'on' if r['mlm'] else 'off'} | {p['where']} | "
+                     f"{p['wall_ms_per_step']:.1f} | {p['op_ms_per_step']:.1f} | "
+                     + " | ".join(fmt(p["by_category"].get(c), ".1f") for c in profiling.CATEGORIES) + " |")
+    lines += ["", "| JAX step profiled | costliest scopes, ms per step |", "|---|---|"]
+    for r in rows:
+        top = list(r["profile"]["by_scope"].items())[:scopes]
+        lines.append(f"| {r['size']} {r['method']} MLM {'on' if r['mlm'] else 'off'} | "
+                     + "; ".join(f"{name} {ms:.1f}" for name, ms in top) + " |")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -29,9 +29,28 @@ def tiny_result(tmp_path_factory):
     proc = subprocess.run(
         [sys.executable, "-m", "mlmjax.bench", "--methods=ti", "--mlm=on,off", "--size=tiny", "--repeats=2",
          "--warmup=1", "--framework=jax,torch", "--torch_threads=1", "--peak_repeats=3", "--compilation_cache", f"--json={out}",
-         "--markdown"], capture_output=True, text=True, env=env, timeout=1200)
+         f"--profile={out.parent / 'profile'}", "--markdown"], capture_output=True, text=True, env=env, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text()), proc.stdout
+
+
+def test_profiled_steps_say_where_their_time_goes(tiny_result):
+    """``--profile``: each JAX row's traced steps, summed by kind of operation and by model and pass."""
+    result, markdown = tiny_result
+    profiles = {r["mlm"]: r["profile"] for r in result["rows"] if r["framework"] == "jax"}
+    for mlm, profile in profiles.items():
+        assert profile["where"] == "host" and os.path.isfile(profile["trace"])
+        # Operations on XLA's CPU threads may overlap, so their sum is near the wall time, not under it.
+        assert 0.3 * profile["wall_ms_per_step"] < profile["op_ms_per_step"] < 3 * profile["wall_ms_per_step"]
+        assert profile["by_category"]["convolution"] > 0 and profile["by_category"]["matmul"] > 0
+        scopes = profile["by_scope"]
+        for scope in ("UNet2DConditionModel forward", "UNet2DConditionModel backward", "CLIPTextModel forward"):
+            assert scopes[scope] > 0, scope
+        assert ("Contextualizer forward" in scopes) == mlm
+    # MLM's own operations: the contextualizer and the vocabulary projection's chunks.
+    assert profiles[True]["by_scope"]["Contextualizer backward"] > 0
+    assert profiles[True]["by_scope"]["mlm._chunked_statistics"] > 0
+    assert "| JAX step profiled |" in markdown and "costliest scopes" in markdown
 
 
 def test_rows_have_positive_finite_fields(tiny_result):
@@ -159,3 +178,22 @@ def test_a_worker_cut_off_by_the_timeout_keeps_what_it_had_measured():
     assert row == {"framework": "jax", "compile_s": 1.5, "times_s": [0.2, 0.3], "error": error}
     row, error = bench._worker(["-c", "import time; time.sleep(60)"], timeout=2)
     assert row is None and error == "timed out after 2 s"
+
+
+def test_flops_counted_on_the_cpu_equal_the_rows_own(tiny_result, tmp_path):
+    """Where the step is timed on an accelerator, a CPU subprocess counts the model's FLOPs (XLA's GPU
+    client gives no cost analysis of a lowered step): the count must be the one the CPU row made itself."""
+    from mlmjax import bench
+    from mlmjax import config as config_lib
+
+    result, _ = tiny_result
+    (jax_row,) = [r for r in result["rows"] if r["framework"] == "jax" and r["mlm"]]
+    assert jax_row["flops_counted_on"] == "cpu" and jax_row["flops_source"].endswith("on cpu")
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"method": "ti", "mlm": True, "size": "tiny", "compute_dtype": "float32",
+                                   "configs": config_lib.CONFIGS_DIR, "remat": False}))
+    counted, error = bench._worker(bench._jax_worker_args("flops", str(request)), dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert error is None, error
+    assert counted["flops_counted_on"] == "cpu"
+    for key in ("flops", "flops_lowered_masked", "flops_lowered_all_positions", "mlm_positions_masked"):
+        assert counted[key] == jax_row[key] > 0, key

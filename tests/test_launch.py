@@ -347,9 +347,11 @@ def test_gpu_bench_runs_the_attention_check_then_each_benchmark_named(tmp_path):
     assert calls[0][0] == "-c" and calls[1][:3] == ["-m", "pytest", "-q"] and calls[1][-2:] == ["-k", "cudnn"]
     common = ["-m", "mlmjax.bench", "--size", "sd15", "--compute_dtype", "bfloat16", "--repeats", "10", "--warmup", "3",
               "--timeout", "300"]
-    assert calls[2] == [*common, "--json", f"{out}/dreambooth_off.json", "--methods", "dreambooth", "--mlm", "off"]
-    assert calls[3] == [*common, "--json", f"{out}/dreambooth_off_chunked.json", "--methods", "dreambooth", "--mlm",
-                        "off", "--framework", "jax", "--attention", "chunked"]
+    profile = ["--profile", f"{out}/profile"]
+    assert calls[2] == [*common, "--json", f"{out}/dreambooth_off.json", *profile, "--methods", "dreambooth", "--mlm",
+                        "off"]
+    assert calls[3] == [*common, "--json", f"{out}/dreambooth_off_chunked.json", *profile, "--methods", "dreambooth",
+                        "--mlm", "off", "--framework", "jax", "--attention", "chunked"]
     assert len(calls) == 4
     log = (out / "log.txt").read_text()
     assert "Test GPU" in log and "== dreambooth_off: exit status 0" in log

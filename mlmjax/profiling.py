@@ -1,0 +1,291 @@
+"""Where a compiled step's time goes: a profiler trace of a few calls, summed by kind of operation and
+by the model that issued it.
+
+    summary = profiling.profile_calls(lambda: step(state, batch, rng), compiled.as_text(), "/tmp/prof", steps=3)
+
+XLA names every operation it runs (``fusion.12``, ``convolution.3``, a cuDNN custom call) in the trace
+(``hlo_op``) and in the compiled module's text, where each instruction also carries the JAX name stack
+it came from (``jit(train_step)/transpose(jvp(UNet2DConditionModel))/down_blocks_0/...``). Joining the
+two gives each traced operation a kind (matmul, convolution, cuDNN attention, reduction, elementwise,
+data movement, collective: what the fusion computes, looked up inside it) and a scope (the Flax model,
+forward or backward pass; outside the models, the function that issued it, from the module's
+source locations: ``mlm._chunked_statistics``, ``train_step.diffusion_draws``, ``optimizer.adamw``;
+"unattributed" for what XLA made without a source, such as layout copies). Loops
+and conditionals are containers: their bodies' operations are counted, not the loop itself. On a GPU
+the device's kernels are counted; on a CPU the host's XLA threads, where independent operations may
+overlap, so their sum can exceed the wall time. The trace itself stays in ``folder`` for TensorBoard's
+profile plugin or Perfetto (``perfetto_trace.json.gz``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import gzip
+import json
+import os
+import re
+import time
+from typing import Any, Callable
+
+# In the order they claim a fusion that does several: its most expensive kind of work names it.
+CATEGORIES = ("attention (cuDNN)", "convolution", "matmul", "collective", "reduction", "elementwise",
+              "data movement")
+UNATTRIBUTED = "unattributed"  # an operation XLA made without a source (copies, rewrites)
+_CONTAINERS = frozenset({"while", "conditional", "call", "async-start", "async-done"})
+_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+_DATA_MOVEMENT = frozenset({"copy", "transpose", "slice", "dynamic-slice", "dynamic-update-slice", "concatenate",
+                            "pad", "gather", "scatter", "bitcast", "broadcast", "reshape", "copy-start",
+                            "copy-done", "reverse", "iota", "select", "convert"})
+_BOOKKEEPING = frozenset({"parameter", "constant", "get-tuple-element", "tuple"})
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) \(")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$")
+_CALLED = re.compile(r"\b(?:calls|to_apply|body|condition|branch_computations)=\{?%([\w.\-]+)")
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_OP_NAME = re.compile(r'op_name="([^"]+)"')
+_FRAME = re.compile(r"stack_frame_id=(\d+)")
+_TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
+_MODEL = re.compile(r"^(transpose\()?jvp\(([A-Z]\w*)")
+
+
+@dataclasses.dataclass(frozen=True)
+class HloOp:
+    """One instruction of a compiled module: its opcode, the kind of work it does and its scope."""
+    opcode: str
+    category: str
+    scope: str
+
+
+@dataclasses.dataclass
+class _Instruction:
+    opcode: str
+    called: list[str]
+    target: str
+    op_name: str
+    frame: int | None
+
+
+def _opcode(rest: str) -> str:
+    """The opcode of an instruction's right-hand side, after its (possibly tuple) shape."""
+    if rest.startswith("("):
+        depth = 0
+        for i, char in enumerate(rest):
+            depth += (char == "(") - (char == ")")
+            if depth == 0:
+                rest = rest[i + 1:]
+                break
+    else:
+        rest = rest.split(" ", 1)[1] if " " in rest else ""
+    return rest.strip().split("(", 1)[0]
+
+
+def _sources(tables: dict[str, dict[int, str]]) -> dict[int, str]:
+    """Stack frame id -> ``file.function`` of its innermost location (``mlm._chunked_statistics``), from
+    the module text's FileNames, FunctionNames, FileLocations and StackFrames tables."""
+    files, functions = tables.get("FileNames", {}), tables.get("FunctionNames", {})
+    locations = {}
+    for key, value in tables.get("FileLocations", {}).items():
+        match = re.match(r"\{file_name_id=(\d+) function_name_id=(\d+)", value)
+        if match:
+            file = os.path.basename(files.get(int(match.group(1)), "").strip('"')).removesuffix(".py")
+            function = functions.get(int(match.group(2)), "").strip('"').split(".<locals>")[0]
+            locations[key] = f"{file}.{function}"
+    frames = {}
+    for key, value in tables.get("StackFrames", {}).items():
+        match = re.match(r"\{file_location_id=(\d+)", value)
+        if match and int(match.group(1)) in locations:
+            frames[key] = locations[int(match.group(1))]
+    return frames
+
+
+def _parse(hlo_text: str) -> tuple[dict[str, dict[str, _Instruction]], set[str], dict[int, str]]:
+    """Computations (name -> instructions), the names of those that run as a fusion's body, and the
+    source (``file.function``) of each stack frame id."""
+    computations: dict[str, dict[str, _Instruction]] = {}
+    fused: set[str] = set()
+    tables: dict[str, dict[int, str]] = {}
+    current = table = None
+    for line in hlo_text.splitlines():
+        if line in _TABLES:
+            table = tables.setdefault(line, {})
+            continue
+        if table is not None:
+            key, _, value = line.partition(" ")
+            if key.isdigit():
+                table[int(key)] = value
+                continue
+            table = None
+        opened = _COMPUTATION.match(line)
+        if opened:
+            current = computations.setdefault(opened.group(1), {})
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        match = _INSTRUCTION.match(line) if current is not None else None
+        if not match:
+            continue
+        rest = match.group(2)
+        opcode = _opcode(rest)
+        target, op_name, frame = _TARGET.search(rest), _OP_NAME.search(rest), _FRAME.search(rest)
+        called = _CALLED.findall(rest)
+        if opcode == "fusion":
+            fused.update(called)
+        current[match.group(1)] = _Instruction(opcode, called, target.group(1) if target else "",
+                                               op_name.group(1) if op_name else "",
+                                               int(frame.group(1)) if frame else None)
+    return computations, fused, _sources(tables)
+
+
+def _kinds(instruction: _Instruction, computations: dict[str, dict[str, _Instruction]],
+           seen: set[str] | None = None) -> set[str]:
+    """The kinds of work an instruction does, looking inside the computations it calls."""
+    seen = set() if seen is None else seen
+    opcode, target = instruction.opcode, instruction.target.lower()
+    if opcode == "custom-call":
+        if "fmha" in target:
+            return {"attention (cuDNN)"}
+        if "conv" in target:
+            return {"convolution"}
+        if "gemm" in target or "matmul" in target:
+            return {"matmul"}
+    if opcode == "convolution":
+        return {"convolution"}
+    if opcode == "dot":
+        return {"matmul"}
+    if opcode.removesuffix("-start").removesuffix("-done") in _COLLECTIVES:
+        return {"collective"}
+    if opcode in ("reduce", "reduce-window"):
+        return {"reduction"}
+    if opcode in _DATA_MOVEMENT:
+        return {"data movement"}
+    if opcode in _BOOKKEEPING:
+        return set()
+    kinds: set[str] = set()
+    for name in instruction.called:
+        if name in seen or name not in computations:
+            continue
+        seen.add(name)
+        for inner in computations[name].values():
+            kinds |= _kinds(inner, computations, seen)
+    return kinds or {"elementwise"}
+
+
+def _category(kinds: set[str]) -> str:
+    """The kind that dominates an operation's time: the first of ``CATEGORIES`` it does, data movement
+    only when it does nothing else (a fusion that broadcasts and multiplies is elementwise)."""
+    for category in CATEGORIES:
+        if category in kinds and category != "data movement":
+            return category
+    return "data movement" if kinds else "elementwise"
+
+
+def _scope(instruction: _Instruction, sources: dict[int, str]) -> str:
+    """``UNet2DConditionModel forward``, ``CLIPTextModel backward``, ... from the JAX name stack; outside
+    the models, the function that issued it (``mlm._chunked_statistics``, ``optimizer.adamw``)."""
+    for segment in instruction.op_name.split("/"):
+        match = _MODEL.match(segment)
+        if match:
+            return f"{match.group(2)} {'backward' if match.group(1) else 'forward'}"
+    return sources.get(instruction.frame, UNATTRIBUTED)
+
+
+def hlo_ops(hlo_text: str) -> dict[str, HloOp]:
+    """Every instruction that runs on its own (not inside a fusion) of a compiled module's text
+    (``jax.stages.Compiled.as_text()``), by name."""
+    computations, fused, sources = _parse(hlo_text)
+    ops = {}
+    for computation, instructions in computations.items():
+        if computation in fused:
+            continue
+        for name, instruction in instructions.items():
+            if instruction.opcode in _BOOKKEEPING:
+                continue
+            category = "container" if instruction.opcode in _CONTAINERS else _category(
+                _kinds(instruction, computations))
+            ops[name] = HloOp(instruction.opcode, category, _scope(instruction, sources))
+    return ops
+
+
+def module_name(hlo_text: str) -> str:
+    """The ``HloModule`` name on a compiled module's first line (what the trace's ``hlo_module`` says)."""
+    match = re.match(r"HloModule ([\w.\-]+)", hlo_text)
+    return match.group(1) if match else ""
+
+
+def _events(trace_path: str) -> tuple[list[dict], dict[Any, str]]:
+    with gzip.open(trace_path, "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    processes = {e.get("pid"): (e.get("args") or {}).get("name", "") for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"}
+    return [e for e in events if e.get("ph") == "X"], processes
+
+
+def summarize(trace_path: str, ops: dict[str, HloOp], module: str, steps: int, top: int = 15) -> dict[str, Any]:
+    """Per-step operation time of ``module`` in a trace, by category, by scope and the ``top`` operations.
+
+    An event is one of ``ops`` by its ``hlo_op`` argument (or its name) and belongs to ``module`` by its
+    ``hlo_module`` argument where it has one. Where any matched event ran on a device (a process named
+    ``/device:...``), only device events count: the host's launch events would count an operation twice.
+    """
+    events, processes = _events(trace_path)
+    matched = []
+    for event in events:
+        args = event.get("args") or {}
+        name = args.get("hlo_op") or event.get("name")
+        if name not in ops or (module and args.get("hlo_module", module) != module):
+            continue
+        matched.append((name, event))
+    on_device = [(n, e) for n, e in matched if processes.get(e.get("pid"), "").startswith("/device:")]
+    where = "device" if on_device else "host"
+    matched = on_device or matched
+    per_op_us: dict[str, float] = collections.defaultdict(float)
+    calls: dict[str, int] = collections.Counter()
+    for name, event in matched:
+        if ops[name].category == "container":
+            continue
+        per_op_us[name] += float(event.get("dur", 0))
+        calls[name] += 1
+    by_category: dict[str, float] = collections.defaultdict(float)
+    by_scope: dict[str, float] = collections.defaultdict(float)
+    for name, us in per_op_us.items():
+        by_category[ops[name].category] += us / 1000 / steps
+        by_scope[ops[name].scope] += us / 1000 / steps
+    ranked = sorted(per_op_us, key=per_op_us.get, reverse=True)[:top]
+    return {
+        "steps": steps, "where": where, "op_ms_per_step": sum(per_op_us.values()) / 1000 / steps,
+        "by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
+        "by_scope": dict(sorted(by_scope.items(), key=lambda kv: -kv[1])),
+        "top_ops": [{"name": name, "opcode": ops[name].opcode, "category": ops[name].category,
+                     "scope": ops[name].scope, "ms_per_step": per_op_us[name] / 1000 / steps,
+                     "calls_per_step": calls[name] / steps} for name in ranked],
+    }
+
+
+def trace_calls(call: Callable[[], Any], folder: str, steps: int) -> tuple[str, float]:
+    """Runs ``call`` (which must wait for its results) ``steps`` times under the profiler; returns the
+    Perfetto trace written under ``folder`` and the median wall time of one call in milliseconds."""
+    import jax
+
+    os.makedirs(folder, exist_ok=True)
+    before = set(glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True))
+    times = []
+    with jax.profiler.trace(folder, create_perfetto_trace=True):
+        for _ in range(steps):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+    written = set(glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)) - before
+    if not written:
+        raise RuntimeError(f"the profiler wrote no perfetto_trace.json.gz under {folder}")
+    return max(written, key=os.path.getmtime), 1000 * sorted(times)[len(times) // 2]
+
+
+def profile_calls(call: Callable[[], Any], hlo_text: str, folder: str, steps: int = 3) -> dict[str, Any]:
+    """``trace_calls`` then ``summarize`` against the compiled module's text; the summary also holds the
+    traced calls' median wall time and the trace's path."""
+    trace_path, wall_ms = trace_calls(call, folder, steps)
+    summary = summarize(trace_path, hlo_ops(hlo_text), module_name(hlo_text), steps)
+    return {**summary, "wall_ms_per_step": wall_ms, "trace": trace_path}
