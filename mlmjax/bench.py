@@ -45,9 +45,10 @@ FLOPs in one pass (the features' gradient is folded into the forward pass).
 
 ``--profile DIR`` runs three more JAX steps under JAX's profiler after the timed ones and reports where
 their time goes (``mlmjax.profiling``): by kind of operation (matmul, convolution, cuDNN attention,
-reduction, elementwise, data movement) and by scope (each Flax model's forward and backward pass, and
-outside the models the function that issued the operation, such as ``mlm._chunked_statistics``); the
-traces stay in DIR for TensorBoard's profile plugin or Perfetto.
+reduction, elementwise, data movement), by scope (each Flax model's forward and backward pass, and
+outside the models the function that issued the operation, such as ``mlm._chunked_statistics``) and by
+layer (``transformer_blocks/attn1``); the profiles (``.xplane.pb``) stay in DIR for TensorBoard's
+profile plugin or XProf.
 
 ``--sharded_memory`` lowers DreamBooth at SD 1.5 shapes (UNet + text encoder + token trained, AdamW,
 bfloat16 compute, one instance and one class image per device, fsdp=8) from

@@ -195,9 +195,9 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _profile_tables(rows: list[dict], scopes: int = 8) -> list[str]:
+def _profile_tables(rows: list[dict], entries: int = 8) -> list[str]:
     """Where the profiled JAX steps' time goes (``--profile``): ms per step by kind of operation, and the
-    ``scopes`` costliest scopes (model and pass, or the function outside the models) of each row."""
+    ``entries`` costliest scopes (model and pass, or the function outside the models) and layers."""
     if not rows:
         return []
     from mlmjax import profiling
@@ -209,11 +209,12 @@ def _profile_tables(rows: list[dict], scopes: int = 8) -> list[str]:
         lines.append(f"| {r['size']} {r['method']} MLM {'on' if r['mlm'] else 'off'} | {p['where']} | "
                      f"{p['wall_ms_per_step']:.1f} | {p['op_ms_per_step']:.1f} | "
                      + " | ".join(fmt(p["by_category"].get(c), ".1f") for c in profiling.CATEGORIES) + " |")
-    lines += ["", "| JAX step profiled | costliest scopes, ms per step |", "|---|---|"]
-    for r in rows:
-        top = list(r["profile"]["by_scope"].items())[:scopes]
-        lines.append(f"| {r['size']} {r['method']} MLM {'on' if r['mlm'] else 'off'} | "
-                     + "; ".join(f"{name} {ms:.1f}" for name, ms in top) + " |")
+    for key, title in (("by_scope", "costliest scopes"), ("by_layer", "costliest layers")):
+        lines += ["", f"| JAX step profiled | {title}, ms per step |", "|---|---|"]
+        for r in rows:
+            top = list(r["profile"].get(key, {}).items())[:entries]
+            lines.append(f"| {r['size']} {r['method']} MLM {'on' if r['mlm'] else 'off'} | "
+                         + "; ".join(f"{name} {ms:.1f}" for name, ms in top) + " |")
     return lines
 
 

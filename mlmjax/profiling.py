@@ -10,11 +10,14 @@ two gives each traced operation a kind (matmul, convolution, cuDNN attention, re
 data movement, collective: what the fusion computes, looked up inside it) and a scope (the Flax model,
 forward or backward pass; outside the models, the function that issued it, from the module's
 source locations: ``mlm._chunked_statistics``, ``train_step.diffusion_draws``, ``optimizer.adamw``;
-"unattributed" for what XLA made without a source, such as layout copies). Loops
+"unattributed" for what XLA made without a source, such as layout copies). Inside a model the layer
+narrows the scope to the two innermost Flax modules (``UNet2DConditionModel transformer_blocks/attn1
+backward``: the attention between its projections), summed over every block that has one. Loops
 and conditionals are containers: their bodies' operations are counted, not the loop itself. On a GPU
-the device's kernels are counted; on a CPU the host's XLA threads, where independent operations may
-overlap, so their sum can exceed the wall time. The trace itself stays in ``folder`` for TensorBoard's
-profile plugin or Perfetto (``perfetto_trace.json.gz``).
+the device's kernels are counted, each for its duration; on a CPU each operation is charged from its
+start to the next operation's start (XLA's CPU runtime hands convolutions and large products to a
+thread pool, and their events end at the hand-off), so the charges add up to the steps' wall time.
+The profile itself stays in ``folder`` (an ``.xplane.pb``) for TensorBoard's profile plugin or XProf.
 """
 
 from __future__ import annotations
@@ -22,8 +25,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import glob
-import gzip
-import json
 import os
 import re
 import time
@@ -47,14 +48,18 @@ _OP_NAME = re.compile(r'op_name="([^"]+)"')
 _FRAME = re.compile(r"stack_frame_id=(\d+)")
 _TABLES = ("FileNames", "FunctionNames", "FileLocations", "StackFrames")
 _MODEL = re.compile(r"^(transpose\()?jvp\(([A-Z]\w*)")
+# A Flax module's name on the name stack, not a transform's or a loop's (jit(...), while, body, ...).
+_MODULE_NAME = re.compile(r"^(?!(?:while|body|cond|closed_call|checkpoint|remat|branch)$)[A-Za-z_]\w*$")
 
 
 @dataclasses.dataclass(frozen=True)
 class HloOp:
-    """One instruction of a compiled module: its opcode, the kind of work it does and its scope."""
+    """One instruction of a compiled module: its opcode, the kind of work it does, its scope and, inside
+    a model, the layer that issued it (``UNet2DConditionModel transformer_blocks/attn1 backward``)."""
     opcode: str
     category: str
     scope: str
+    layer: str
 
 
 @dataclasses.dataclass
@@ -191,6 +196,19 @@ def _scope(instruction: _Instruction, sources: dict[int, str]) -> str:
     return sources.get(instruction.frame, UNATTRIBUTED)
 
 
+def _layer(instruction: _Instruction, scope: str) -> str:
+    """The scope narrowed to the two innermost Flax modules on the name stack, their indices dropped
+    (``attn1/to_q``, ``transformer_blocks/attn1`` for the attention between its projections), so that
+    every block's copy of a layer adds up; outside the models, the scope itself."""
+    segments = instruction.op_name.split("/")
+    start = next((i for i, segment in enumerate(segments) if _MODEL.match(segment)), None)
+    if start is None:
+        return scope
+    model, direction = scope.rsplit(" ", 1)
+    modules = [re.sub(r"_\d+$", "", s) for s in segments[start + 1:-1] if _MODULE_NAME.match(s)]
+    return f"{model} {'/'.join(modules[-2:]) or '(top)'} {direction}"
+
+
 def hlo_ops(hlo_text: str) -> dict[str, HloOp]:
     """Every instruction that runs on its own (not inside a fusion) of a compiled module's text
     (``jax.stages.Compiled.as_text()``), by name."""
@@ -204,7 +222,8 @@ def hlo_ops(hlo_text: str) -> dict[str, HloOp]:
                 continue
             category = "container" if instruction.opcode in _CONTAINERS else _category(
                 _kinds(instruction, computations))
-            ops[name] = HloOp(instruction.opcode, category, _scope(instruction, sources))
+            scope = _scope(instruction, sources)
+            ops[name] = HloOp(instruction.opcode, category, scope, _layer(instruction, scope))
     return ops
 
 
@@ -214,72 +233,90 @@ def module_name(hlo_text: str) -> str:
     return match.group(1) if match else ""
 
 
-def _events(trace_path: str) -> tuple[list[dict], dict[Any, str]]:
-    with gzip.open(trace_path, "rt") as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    processes = {e.get("pid"): (e.get("args") or {}).get("name", "") for e in events
-                 if e.get("ph") == "M" and e.get("name") == "process_name"}
-    return [e for e in events if e.get("ph") == "X"], processes
+def _op_events(trace_path: str, ops: dict[str, HloOp], module: str) -> tuple[str, list[tuple[str, float, float]]]:
+    """``(where, [(operation, start ms, duration ms), ...])``: ``module``'s operations in an ``.xplane.pb``.
+
+    An event is one of ``ops`` by its ``hlo_op`` statistic (or its name) and belongs to ``module`` by its
+    ``hlo_module`` statistic where it has one. Where a device plane (``/device:...``) has any, only its
+    kernel lines count (``Stream ...``, or every line where none is so named): the host's launch events,
+    and any timeline derived from the kernels, would count an operation twice. The profile is read with
+    ``jax.profiler.ProfileData``: a Perfetto or Chrome trace of it stops at a million events, which an
+    SD 1.5 step on a CPU exceeds.
+    """
+    from jax.profiler import ProfileData
+
+    found: dict[bool, list[tuple[str, float, float]]] = {True: [], False: []}
+    for plane in ProfileData.from_file(trace_path).planes:
+        on_device = plane.name.startswith("/device:")
+        lines = list(plane.lines)
+        if on_device and any(line.name.startswith("Stream") for line in lines):
+            lines = [line for line in lines if line.name.startswith("Stream")]
+        for line in lines:
+            for event in line.events:
+                stats = dict(event.stats)
+                name = stats.get("hlo_op") or event.name
+                if name in ops and not (module and stats.get("hlo_module", module) != module):
+                    found[on_device].append((name, event.start_ns / 1e6, event.duration_ns / 1e6))
+    return ("device", found[True]) if found[True] else ("host", found[False])
+
+
+def _charges(where: str, events: list[tuple[str, float, float]], ops: dict[str, HloOp]) -> list[tuple[str, float]]:
+    """What each event costs: a kernel its duration; on the host, the time from its start to the next
+    operation's start, because XLA's CPU runtime hands convolutions and large products to its thread pool
+    and the event ends at that hand-off (an SD 1.5 convolution's event lasts 1-5 ms of its ~850)."""
+    if where == "device":
+        return [(name, ms) for name, _, ms in events if ops[name].category != "container"]
+    events = sorted(events, key=lambda event: event[1])
+    ends = [start for _, start, _ in events[1:]] + [events[-1][1] + events[-1][2]] if events else []
+    # Loops and conditionals only order their bodies here; the bodies' operations are charged.
+    return [(name, end - start) for (name, start, _), end in zip(events, ends) if ops[name].category != "container"]
 
 
 def summarize(trace_path: str, ops: dict[str, HloOp], module: str, steps: int, top: int = 15) -> dict[str, Any]:
-    """Per-step operation time of ``module`` in a trace, by category, by scope and the ``top`` operations.
-
-    An event is one of ``ops`` by its ``hlo_op`` argument (or its name) and belongs to ``module`` by its
-    ``hlo_module`` argument where it has one. Where any matched event ran on a device (a process named
-    ``/device:...``), only device events count: the host's launch events would count an operation twice.
-    """
-    events, processes = _events(trace_path)
-    matched = []
-    for event in events:
-        args = event.get("args") or {}
-        name = args.get("hlo_op") or event.get("name")
-        if name not in ops or (module and args.get("hlo_module", module) != module):
-            continue
-        matched.append((name, event))
-    on_device = [(n, e) for n, e in matched if processes.get(e.get("pid"), "").startswith("/device:")]
-    where = "device" if on_device else "host"
-    matched = on_device or matched
-    per_op_us: dict[str, float] = collections.defaultdict(float)
+    """Per-step operation time of ``module`` in a profile (``.xplane.pb``): by category, by scope, the
+    ``top`` layers and the ``top`` operations (with their events per step: on a device, its kernels)."""
+    where, events = _op_events(trace_path, ops, module)
+    per_op_ms: dict[str, float] = collections.defaultdict(float)
     calls: dict[str, int] = collections.Counter()
-    for name, event in matched:
-        if ops[name].category == "container":
-            continue
-        per_op_us[name] += float(event.get("dur", 0))
+    for name, ms in _charges(where, events, ops):
+        per_op_ms[name] += ms / steps
         calls[name] += 1
-    by_category: dict[str, float] = collections.defaultdict(float)
-    by_scope: dict[str, float] = collections.defaultdict(float)
-    for name, us in per_op_us.items():
-        by_category[ops[name].category] += us / 1000 / steps
-        by_scope[ops[name].scope] += us / 1000 / steps
-    ranked = sorted(per_op_us, key=per_op_us.get, reverse=True)[:top]
+    totals: dict[str, dict[str, float]] = {key: collections.defaultdict(float) for key in ("category", "scope", "layer")}
+    for name, ms in per_op_ms.items():
+        for key, total in totals.items():
+            total[getattr(ops[name], key)] += ms
+
+    def ranked(values: dict[str, float], count: int | None = None) -> dict[str, float]:
+        return dict(sorted(values.items(), key=lambda kv: -kv[1])[:count])
+
     return {
-        "steps": steps, "where": where, "op_ms_per_step": sum(per_op_us.values()) / 1000 / steps,
-        "by_category": dict(sorted(by_category.items(), key=lambda kv: -kv[1])),
-        "by_scope": dict(sorted(by_scope.items(), key=lambda kv: -kv[1])),
+        "steps": steps, "where": where, "op_ms_per_step": sum(per_op_ms.values()),
+        "by_category": ranked(totals["category"]), "by_scope": ranked(totals["scope"]),
+        "by_layer": ranked(totals["layer"], top),
         "top_ops": [{"name": name, "opcode": ops[name].opcode, "category": ops[name].category,
-                     "scope": ops[name].scope, "ms_per_step": per_op_us[name] / 1000 / steps,
-                     "calls_per_step": calls[name] / steps} for name in ranked],
+                     "scope": ops[name].scope, "layer": ops[name].layer, "ms_per_step": ms,
+                     "calls_per_step": calls[name] / steps} for name, ms in ranked(per_op_ms, top).items()],
     }
 
 
 def trace_calls(call: Callable[[], Any], folder: str, steps: int) -> tuple[str, float]:
     """Runs ``call`` (which must wait for its results) ``steps`` times under the profiler; returns the
-    Perfetto trace written under ``folder`` and the median wall time of one call in milliseconds."""
+    profile written under ``folder`` (an ``.xplane.pb``, what TensorBoard's profile plugin and XProf
+    read) and the median wall time of one call in milliseconds."""
     import jax
 
     os.makedirs(folder, exist_ok=True)
-    before = set(glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True))
+    pattern = os.path.join(folder, "**", "*.xplane.pb")
+    before = set(glob.glob(pattern, recursive=True))
     times = []
-    with jax.profiler.trace(folder, create_perfetto_trace=True):
+    with jax.profiler.trace(folder):
         for _ in range(steps):
             start = time.perf_counter()
             call()
             times.append(time.perf_counter() - start)
-    written = set(glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)) - before
+    written = set(glob.glob(pattern, recursive=True)) - before
     if not written:
-        raise RuntimeError(f"the profiler wrote no perfetto_trace.json.gz under {folder}")
+        raise RuntimeError(f"the profiler wrote no .xplane.pb under {folder}")
     return max(written, key=os.path.getmtime), 1000 * sorted(times)[len(times) // 2]
 
 

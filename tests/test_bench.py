@@ -40,8 +40,9 @@ def test_profiled_steps_say_where_their_time_goes(tiny_result):
     profiles = {r["mlm"]: r["profile"] for r in result["rows"] if r["framework"] == "jax"}
     for mlm, profile in profiles.items():
         assert profile["where"] == "host" and os.path.isfile(profile["trace"])
-        # Operations on XLA's CPU threads may overlap, so their sum is near the wall time, not under it.
-        assert 0.3 * profile["wall_ms_per_step"] < profile["op_ms_per_step"] < 3 * profile["wall_ms_per_step"]
+        # On a CPU each operation is charged until the next one starts: the charges make up the wall time
+        # but for the Python between steps.
+        assert 0.8 * profile["wall_ms_per_step"] < profile["op_ms_per_step"] < 1.1 * profile["wall_ms_per_step"]
         assert profile["by_category"]["convolution"] > 0 and profile["by_category"]["matmul"] > 0
         scopes = profile["by_scope"]
         for scope in ("UNet2DConditionModel forward", "UNet2DConditionModel backward", "CLIPTextModel forward"):
@@ -50,7 +51,8 @@ def test_profiled_steps_say_where_their_time_goes(tiny_result):
     # MLM's own operations: the contextualizer and the vocabulary projection's chunks.
     assert profiles[True]["by_scope"]["Contextualizer backward"] > 0
     assert profiles[True]["by_scope"]["mlm._chunked_statistics"] > 0
-    assert "| JAX step profiled |" in markdown and "costliest scopes" in markdown
+    assert any(layer.startswith("UNet2DConditionModel resnets/conv") for layer in profiles[False]["by_layer"])
+    assert "| JAX step profiled |" in markdown and "costliest scopes" in markdown and "costliest layers" in markdown
 
 
 def test_rows_have_positive_finite_fields(tiny_result):
