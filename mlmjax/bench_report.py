@@ -206,7 +206,9 @@ def _profile_tables(rows: list[dict], entries: int = 8) -> list[str]:
              "|---|---|---|---|" + "---|" * len(profiling.CATEGORIES)]
     for r in rows:
         p = r["profile"]
-        lines.append(f"| {r['size']} {r['method']} MLM {'on' if r['mlm'] else 'off'} | {p['where']} | "
+        unmatched = p.get("unmatched_device_ms_per_step")
+        where = p["where"] + (f" (+{unmatched:.1f} ms of other kernels)" if unmatched else "")
+        lines.append(f"| {r['size']} {r['method']} MLM {'on' if r['mlm'] else 'off'} | {where} | "
                      f"{p['wall_ms_per_step']:.1f} | {p['op_ms_per_step']:.1f} | "
                      + " | ".join(fmt(p["by_category"].get(c), ".1f") for c in profiling.CATEGORIES) + " |")
     for key, title in (("by_scope", "costliest scopes"), ("by_layer", "costliest layers")):

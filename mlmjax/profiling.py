@@ -233,19 +233,22 @@ def module_name(hlo_text: str) -> str:
     return match.group(1) if match else ""
 
 
-def _op_events(trace_path: str, ops: dict[str, HloOp], module: str) -> tuple[str, list[tuple[str, float, float]]]:
-    """``(where, [(operation, start ms, duration ms), ...])``: ``module``'s operations in an ``.xplane.pb``.
+def _op_events(trace_path: str, ops: dict[str, HloOp], module: str) -> tuple[str, list[tuple[str, float, float]], float]:
+    """``(where, [(operation, start ms, duration ms), ...], unmatched ms)``: ``module``'s operations in
+    an ``.xplane.pb``, and on a device the kernel time matched to none of them.
 
-    An event is one of ``ops`` by its ``hlo_op`` statistic (or its name) and belongs to ``module`` by its
-    ``hlo_module`` statistic where it has one. Where a device plane (``/device:...``) has any, only its
-    kernel lines count (``Stream ...``, or every line where none is so named): the host's launch events,
-    and any timeline derived from the kernels, would count an operation twice. The profile is read with
-    ``jax.profiler.ProfileData``: a Perfetto or Chrome trace of it stops at a million events, which an
-    SD 1.5 step on a CPU exceeds.
+    An event is one of ``ops`` by its ``hlo_op`` statistic, else by its name (a GPU kernel is named after
+    its fusion with "_" for "."), and belongs to ``module`` by its ``hlo_module`` statistic where it has
+    one. Where a device plane (``/device:...``) has any, only its kernel lines count (``Stream ...``, or
+    every line where none is so named): the host's launch events, and any timeline derived from the
+    kernels, would count an operation twice. The profile is read with ``jax.profiler.ProfileData``: a
+    Perfetto or Chrome trace of it stops at a million events, which an SD 1.5 step on a CPU exceeds.
     """
     from jax.profiler import ProfileData
 
+    kernel_names = {name.replace(".", "_"): name for name in ops}
     found: dict[bool, list[tuple[str, float, float]]] = {True: [], False: []}
+    unmatched_ms = 0.0
     for plane in ProfileData.from_file(trace_path).planes:
         on_device = plane.name.startswith("/device:")
         lines = list(plane.lines)
@@ -255,9 +258,12 @@ def _op_events(trace_path: str, ops: dict[str, HloOp], module: str) -> tuple[str
             for event in line.events:
                 stats = dict(event.stats)
                 name = stats.get("hlo_op") or event.name
-                if name in ops and not (module and stats.get("hlo_module", module) != module):
+                name = name if name in ops else kernel_names.get(name)
+                if name is not None and not (module and stats.get("hlo_module", module) != module):
                     found[on_device].append((name, event.start_ns / 1e6, event.duration_ns / 1e6))
-    return ("device", found[True]) if found[True] else ("host", found[False])
+                elif on_device:
+                    unmatched_ms += event.duration_ns / 1e6
+    return ("device", found[True], unmatched_ms) if found[True] else ("host", found[False], 0.0)
 
 
 def _charges(where: str, events: list[tuple[str, float, float]], ops: dict[str, HloOp]) -> list[tuple[str, float]]:
@@ -275,7 +281,7 @@ def _charges(where: str, events: list[tuple[str, float, float]], ops: dict[str, 
 def summarize(trace_path: str, ops: dict[str, HloOp], module: str, steps: int, top: int = 15) -> dict[str, Any]:
     """Per-step operation time of ``module`` in a profile (``.xplane.pb``): by category, by scope, the
     ``top`` layers and the ``top`` operations (with their events per step: on a device, its kernels)."""
-    where, events = _op_events(trace_path, ops, module)
+    where, events, unmatched_ms = _op_events(trace_path, ops, module)
     per_op_ms: dict[str, float] = collections.defaultdict(float)
     calls: dict[str, int] = collections.Counter()
     for name, ms in _charges(where, events, ops):
@@ -291,6 +297,7 @@ def summarize(trace_path: str, ops: dict[str, HloOp], module: str, steps: int, t
 
     return {
         "steps": steps, "where": where, "op_ms_per_step": sum(per_op_ms.values()),
+        "unmatched_device_ms_per_step": unmatched_ms / steps,  # kernels of no operation of the module
         "by_category": ranked(totals["category"]), "by_scope": ranked(totals["scope"]),
         "by_layer": ranked(totals["layer"], top),
         "top_ops": [{"name": name, "opcode": ops[name].opcode, "category": ops[name].category,

@@ -118,13 +118,22 @@ def test_markdown_shows_failures_and_sharded_rows():
                "versions": {"jax": "0"}, "xla_flags": "", "date": "today"}
     row = {field: None for field in bench_report.ROW_FIELDS}
     row.update(method="ti", mlm=True, size="sd15", framework="torch", error="killed (out of memory?)")
+    profiled = dict(row, framework="jax", method="dreambooth", error=None, median_ms=80.0, q1_ms=79.0, q3_ms=81.0,
+                    batch=1, prior_batch=1, mlm_batch=0, profile={
+                        "where": "device", "wall_ms_per_step": 82.0, "op_ms_per_step": 75.5,
+                        "unmatched_device_ms_per_step": 1.25, "by_category": {"convolution": 40.0, "matmul": 35.5},
+                        "by_scope": {"UNet2DConditionModel backward": 50.0}, "by_layer": {"optimizer.adamw": 9.0}})
     sharded = {"method": "dreambooth", "mlm": False, "devices": 8, "compute_dtype": "bfloat16", "batch": 8, "prior_batch": 8,
                "peak_bytes_per_device": 12 * 2**30, "memory_per_device": {"argument": 2**30, "temp": 2**31},
                "compile_s": 100.0}
     text = bench_report.markdown({"machine": machine,
                                   "matmul_peak": {"jax": {"flops_per_s": 5e10}, "flops_per_s": 5e10},
-                                  "rows": [row], "mlm": [], "sharded_memory": [sharded]})
+                                  "rows": [row, profiled], "mlm": [], "sharded_memory": [sharded]})
     assert "failed: killed (out of memory?)" in text
+    assert ("| sd15 dreambooth MLM on | device (+1.2 ms of other kernels) | 82.0 | 75.5 | – | 40.0 | 35.5 | – |"
+            in text)
+    assert "| sd15 dreambooth MLM on | UNet2DConditionModel backward 50.0 |" in text
+    assert "| sd15 dreambooth MLM on | optimizer.adamw 9.0 |" in text
     assert "| dreambooth | off | bfloat16 | fsdp=8 | 8 (+8) | 12.00 |" in text
     assert "jax 50.0 GFLOP/s" in text
 
