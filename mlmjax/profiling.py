@@ -16,7 +16,8 @@ backward``: the attention between its projections), summed over every block that
 and conditionals are containers: their bodies' operations are counted, not the loop itself. On a GPU
 the device's kernels are counted, each for its duration; on a CPU each operation is charged from its
 start to the next operation's start (XLA's CPU runtime hands convolutions and large products to a
-thread pool, and their events end at the hand-off), so the charges add up to the steps' wall time.
+thread pool, and their events end at the hand-off), so the charges add up to the steps' wall time but
+for the Python between them.
 The profile itself stays in ``folder`` (an ``.xplane.pb``) for TensorBoard's profile plugin or XProf.
 """
 
@@ -269,13 +270,21 @@ def _op_events(trace_path: str, ops: dict[str, HloOp], module: str) -> tuple[str
 def _charges(where: str, events: list[tuple[str, float, float]], ops: dict[str, HloOp]) -> list[tuple[str, float]]:
     """What each event costs: a kernel its duration; on the host, the time from its start to the next
     operation's start, because XLA's CPU runtime hands convolutions and large products to its thread pool
-    and the event ends at that hand-off (an SD 1.5 convolution's event lasts 1-5 ms of its ~850)."""
+    and the event ends at that hand-off (an SD 1.5 convolution's event lasts 1-5 ms of its ~850). A
+    call's last operation is charged its own duration, not the Python between two calls: a call starts
+    where the first operation traced starts again (an instruction of the entry computation, run once a
+    call)."""
     if where == "device":
         return [(name, ms) for name, _, ms in events if ops[name].category != "container"]
     events = sorted(events, key=lambda event: event[1])
-    ends = [start for _, start, _ in events[1:]] + [events[-1][1] + events[-1][2]] if events else []
-    # Loops and conditionals only order their bodies here; the bodies' operations are charged.
-    return [(name, end - start) for (name, start, _), end in zip(events, ends) if ops[name].category != "container"]
+    charges = []
+    for index, (name, start, duration) in enumerate(events):
+        following = events[index + 1] if index + 1 < len(events) else None
+        end = following[1] if following and following[0] != events[0][0] else start + duration
+        # Loops and conditionals only order their bodies here; the bodies' operations are charged.
+        if ops[name].category != "container":
+            charges.append((name, end - start))
+    return charges
 
 
 def summarize(trace_path: str, ops: dict[str, HloOp], module: str, steps: int, top: int = 15) -> dict[str, Any]:
@@ -309,7 +318,7 @@ def summarize(trace_path: str, ops: dict[str, HloOp], module: str, steps: int, t
 def trace_calls(call: Callable[[], Any], folder: str, steps: int) -> tuple[str, float]:
     """Runs ``call`` (which must wait for its results) ``steps`` times under the profiler; returns the
     profile written under ``folder`` (an ``.xplane.pb``, what TensorBoard's profile plugin and XProf
-    read) and the median wall time of one call in milliseconds."""
+    read) and the mean wall time of one call in milliseconds (the charges are means too)."""
     import jax
 
     os.makedirs(folder, exist_ok=True)
@@ -324,12 +333,12 @@ def trace_calls(call: Callable[[], Any], folder: str, steps: int) -> tuple[str, 
     written = set(glob.glob(pattern, recursive=True)) - before
     if not written:
         raise RuntimeError(f"the profiler wrote no .xplane.pb under {folder}")
-    return max(written, key=os.path.getmtime), 1000 * sorted(times)[len(times) // 2]
+    return max(written, key=os.path.getmtime), 1000 * sum(times) / len(times)
 
 
 def profile_calls(call: Callable[[], Any], hlo_text: str, folder: str, steps: int = 3) -> dict[str, Any]:
     """``trace_calls`` then ``summarize`` against the compiled module's text; the summary also holds the
-    traced calls' median wall time and the trace's path."""
+    traced calls' mean wall time and the trace's path."""
     trace_path, wall_ms = trace_calls(call, folder, steps)
     summary = summarize(trace_path, hlo_ops(hlo_text), module_name(hlo_text), steps)
     return {**summary, "wall_ms_per_step": wall_ms, "trace": trace_path}

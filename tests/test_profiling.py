@@ -60,8 +60,8 @@ def test_a_profile_sums_the_traced_operations(compiled, tmp_path):
                                       str(tmp_path), steps=3)
     assert summary["where"] == "host" and summary["steps"] == 3
     assert summary["trace"].startswith(str(tmp_path)) and summary["trace"].endswith(".xplane.pb")
-    # Charged from start to start on a CPU, the operations make up the calls' time (at most).
-    assert 0 < summary["op_ms_per_step"] < 1.2 * summary["wall_ms_per_step"] + 0.5
+    # Charged from start to start within a call on a CPU, the operations make up at most the calls' time.
+    assert 0 < summary["op_ms_per_step"] <= summary["wall_ms_per_step"]
     assert sum(summary["by_category"].values()) == pytest.approx(summary["op_ms_per_step"])
     assert sum(summary["by_scope"].values()) == pytest.approx(summary["op_ms_per_step"])
     assert sum(summary["by_layer"].values()) == pytest.approx(summary["op_ms_per_step"])  # fewer than 15 layers
