@@ -398,7 +398,8 @@ def run_jax_case(request: dict, case_dir: str, partial: str | None = None) -> di
                peak_rss_bytes=bench_torch.peak_rss_bytes(), max_masked=built.max_masked,
                device_peak_bytes=_device_peak_bytes())
     if request.get("profile"):
-        state = _profile(row, request, compiled, state, device_batch, rng)
+        state = _profile(row, os.path.join(request["profile"], os.path.basename(case_dir)), compiled, state,
+                         device_batch, rng)
     _save_partial(partial, row)  # the timed steps survive a FLOP count cut short
     if jax.default_backend() != "cpu":  # no cost analysis of a lowered step: the driver counts on the CPU
         return row
@@ -409,9 +410,9 @@ def run_jax_case(request: dict, case_dir: str, partial: str | None = None) -> di
     return row
 
 
-def _profile(row: dict, request: dict, compiled, state, batch, rng):
+def _profile(row: dict, folder: str, compiled, state, batch, rng):
     """``row["profile"]``: a few more steps under the profiler (after the timed ones, so the timing is
-    the profiler's), summed by operation kind and scope; the trace goes to ``request["profile"]``."""
+    the profiler's), summed by operation kind and scope; the trace goes to ``folder``."""
     import jax
 
     from mlmjax import profiling
@@ -422,10 +423,7 @@ def _profile(row: dict, request: dict, compiled, state, batch, rng):
         carried["state"], metrics = compiled(carried["state"], batch, rng)
         jax.block_until_ready((carried["state"], metrics))
 
-    folder = os.path.join(request["profile"], f"{request['size']}-{request['method']}-"
-                                              f"{'mlm' if request['mlm'] else 'plain'}")
-    row["profile"] = profiling.profile_calls(one_step, compiled.executable.as_text(), folder,
-                                             steps=request.get("profile_steps", 3))
+    row["profile"] = profiling.profile_calls(one_step, compiled.executable.as_text(), folder)
     _log(f"profiled: {row['profile']['op_ms_per_step']:.1f} ms of operations per step on the "
          f"{row['profile']['where']}; trace {row['profile']['trace']}")
     return carried["state"]

@@ -13,6 +13,7 @@ import statistics
 import sys
 
 from mlmjax import bench_torch
+from mlmjax import profiling
 
 FRAMEWORKS = ("jax", "torch")
 ROW_FIELDS = ("method", "mlm", "size", "framework", "compute_dtype", "batch", "prior_batch", "mlm_batch",
@@ -200,8 +201,6 @@ def _profile_tables(rows: list[dict], entries: int = 8) -> list[str]:
     ``entries`` costliest scopes (model and pass, or the function outside the models) and layers."""
     if not rows:
         return []
-    from mlmjax import profiling
-
     lines = ["", "| JAX step profiled | where | wall ms | op ms | " + " | ".join(profiling.CATEGORIES) + " |",
              "|---|---|---|---|" + "---|" * len(profiling.CATEGORIES)]
     for r in rows:
