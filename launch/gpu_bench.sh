@@ -12,8 +12,8 @@
 #    cuDNN's). The achieved share of the card's bf16 matmul peak is the model FLOP utilisation.
 # Each benchmark writes OUT_DIR/<name>.json (python -m mlmjax.bench --json), with a profile of three more
 # JAX steps (where the time goes: by kind of operation, by model and pass; traces in OUT_DIR/profile);
-# everything printed goes to OUT_DIR/log.txt too. On an H100 the JAX side of one benchmark takes about 4 minutes, most of it the
-# cold compile (154 s for DreamBooth), and the PyTorch side about 1. Environment: MLMJAX_PYTHON (default
+# everything printed goes to OUT_DIR/log.txt too. On an H100 the JAX side of one benchmark takes about
+# 4 minutes, most of it the cold compile (154 s for DreamBooth), and the PyTorch side about 1. Environment: MLMJAX_PYTHON (default
 # python3), MLMJAX_GPU_BENCH_REPEATS (10), MLMJAX_GPU_BENCH_STEP_SECONDS, the limit of each side of each
 # benchmark (300; a JAX side cut off keeps what it had measured: compiled, timed, FLOPs counted last).
 # README tables from the JSON files: python -m mlmjax.bench_report OUT_DIR/*.json.

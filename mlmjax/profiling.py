@@ -234,7 +234,8 @@ def module_name(hlo_text: str) -> str:
     return match.group(1) if match else ""
 
 
-def _op_events(trace_path: str, ops: dict[str, HloOp], module: str) -> tuple[str, list[tuple[str, float, float]], float]:
+def _op_events(trace_path: str, ops: dict[str, HloOp],
+               module: str) -> tuple[str, list[tuple[str, float, float]], float]:
     """``(where, [(operation, start ms, duration ms), ...], unmatched ms)``: ``module``'s operations in
     an ``.xplane.pb``, and on a device the kernel time matched to none of them.
 
@@ -296,7 +297,8 @@ def summarize(trace_path: str, ops: dict[str, HloOp], module: str, steps: int, t
     for name, ms in _charges(where, events, ops):
         per_op_ms[name] += ms / steps
         calls[name] += 1
-    totals: dict[str, dict[str, float]] = {key: collections.defaultdict(float) for key in ("category", "scope", "layer")}
+    totals: dict[str, dict[str, float]] = {key: collections.defaultdict(float)
+                                           for key in ("category", "scope", "layer")}
     for name, ms in per_op_ms.items():
         for key, total in totals.items():
             total[getattr(ops[name], key)] += ms
