@@ -24,21 +24,39 @@ def _inputs(q_len=24, k_len=20, seed=0):
     return q, k, v, mask
 
 
+def _assert_equals_plain_softmax(q, k, v, mask, **sizes):
+    """Output and the gradients of q, k and v, against plain softmax attention."""
+    ours = lambda q, k, v: attention.dot_product_attention(q, k, v, mask=mask, **sizes)  # noqa: E731
+    reference = lambda q, k, v: _plain(q, k, v, mask)  # noqa: E731
+    np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), rtol=2e-5, atol=2e-6)
+    cotangent = jax.random.normal(jax.random.key(9), q.shape)
+    for got, want in zip(jax.vjp(ours, q, k, v)[1](cotangent), jax.vjp(reference, q, k, v)[1](cotangent)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("max_scores, chunk_scores", [(10**6, 10**6), (100, 100), (100, 60), (100, 1)])
 def test_attention_in_chunks_equals_plain_softmax_with_gradients(masked, max_scores, chunk_scores):
     q, k, v, mask = _inputs()
     mask = mask if masked else None
     # 24 queries × 20 keys: whole; 5-query chunks (100 // 20); 3-query chunks (60 // 20); one query at a time.
-    ours = lambda q, k, v: attention.dot_product_attention(  # noqa: E731
-        q, k, v, mask=mask, max_scores=max_scores, chunk_scores=chunk_scores)
-    reference = lambda q, k, v: _plain(q, k, v, mask)  # noqa: E731
-    np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), rtol=2e-5, atol=2e-6)
-    cotangent = jax.random.normal(jax.random.key(9), q.shape)
-    grads = jax.vjp(ours, q, k, v)[1](cotangent)
-    expected = jax.vjp(reference, q, k, v)[1](cotangent)
-    for got, want in zip(grads, expected):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5)
+    _assert_equals_plain_softmax(q, k, v, mask, max_scores=max_scores, chunk_scores=chunk_scores)
+
+
+@pytest.mark.parametrize("width", [1, 16, 17, 20, 64, 96, 4096])
+def test_row_max_halving_the_rows_is_the_max(width):
+    x = jax.random.normal(jax.random.key(width), (3, 5, width))
+    x = x.at[0].set(jnp.finfo(jnp.float32).min).at[1, :, -1].set(40.0)  # masked rows; a max in the last column
+    np.testing.assert_array_equal(attention._row_max(x), x.max(axis=-1))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunks_whose_row_sums_come_from_the_product_with_v(masked):
+    """64 keys: the row max halves the scores to 16 columns, and each chunk's row sums ride along in the
+    product with v (a column of ones), as at SD 1.5's 4096 tokens."""
+    q, k, v, mask = _inputs(q_len=32, k_len=64, seed=3)
+    mask = mask if masked else None
+    _assert_equals_plain_softmax(q, k, v, mask, max_scores=64, chunk_scores=8 * 64)
 
 
 def test_chunk_is_the_largest_divisor_of_the_queries_within_the_budget():

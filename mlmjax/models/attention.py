@@ -88,15 +88,36 @@ def _scores(q, k, mask, upcast: bool) -> jax.Array:
     return scores if mask is None else jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
 
 
-def _softmax_times_values(scores, v):
+def _row_max(x: jax.Array, width: int = 16) -> jax.Array:
+    """``x.max(axis=-1)``, halving the rows with element-wise maxima down to ``width`` columns first.
+
+    XLA's CPU backend turns a long row reduction into a reduce-window it runs at about 1.2 G elements/s,
+    where element-wise maxima of the two halves fuse into one vectorised pass: the max of SD 1.5's
+    [32, 1024, 4096] scores chunk in 27 ms instead of 96 (2-core CPU)."""
+    while x.shape[-1] > width and x.shape[-1] % 2 == 0:
+        half = x.shape[-1] // 2
+        x = jnp.maximum(x[..., :half], x[..., half:])
+    return x.max(axis=-1)
+
+
+def _softmax_times_values(scores, v, total_from_product: bool = False):
     """``(softmax(scores)·v, logsumexp(scores))``, normalising the ``[.., Lq, D]`` output rather than
     the ``[.., Lq, Lk]`` scores: one pass less over the largest tensor. On a CPU the contextualizer's
     attention (25 × 77 tokens, 4 heads of 8) runs forward in 1.6 ms instead of 2.6 (forward and
-    backward: 4.4 instead of 4.6). The max is only a shift that cancels, so it needs no gradient."""
-    top = jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True))
+    backward: 4.4 instead of 4.6). The max is only a shift that cancels, so it needs no gradient.
+
+    ``total_from_product``: the weights' row sums come out of the product with v, from a column of ones
+    appended to it, instead of a pass of their own over the scores. XLA's CPU backend reduces long rows
+    slowly; for a chunk of SD 1.5's 4096-token attention this is faster, for 77 tokens slower."""
+    top = jax.lax.stop_gradient(_row_max(scores))[..., None]
     weights = jnp.exp(scores - top)
-    total = weights.sum(axis=-1, keepdims=True)
+    if total_from_product:
+        v = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), v.dtype)], axis=-1)
     out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    if total_from_product:
+        out, total = out[..., :-1], out[..., -1:]
+    else:
+        total = weights.sum(axis=-1, keepdims=True)
     return (out / total).astype(v.dtype), (top + jnp.log(total))[..., 0]
 
 
@@ -117,7 +138,8 @@ def _attend_in_chunks(q, k, v, mask, chunk: int, upcast: bool):
 
 def _attend_in_chunks_forward(q, k, v, mask, chunk, upcast):
     def one_chunk(index):
-        return _softmax_times_values(_scores(_chunk(q, index, chunk, 2), k, _chunk(mask, index, chunk, -2), upcast), v)
+        scores = _scores(_chunk(q, index, chunk, 2), k, _chunk(mask, index, chunk, -2), upcast)
+        return _softmax_times_values(scores, v, total_from_product=True)
 
     out, logsumexp = jax.lax.map(one_chunk, jnp.arange(q.shape[2] // chunk))  # [chunks, B, H, chunk, (D)]
     out, logsumexp = (jnp.moveaxis(x, 0, 2).reshape(*x.shape[1:3], -1, *x.shape[4:]) for x in (out, logsumexp))
