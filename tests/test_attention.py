@@ -59,6 +59,33 @@ def test_chunks_whose_row_sums_come_from_the_product_with_v(masked):
     _assert_equals_plain_softmax(q, k, v, mask, max_scores=64, chunk_scores=8 * 64)
 
 
+def _dot_generals(jaxpr):
+    """Every dot_general of a jaxpr, inside loops, custom rules and nested jits too."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
+                if hasattr(sub, "eqns"):
+                    yield from _dot_generals(sub)
+
+
+@pytest.mark.parametrize("max_scores", [10**6, 100])
+def test_gradients_of_k_and_v_are_made_with_their_heads_width_leading(max_scores):
+    """The backward pass's products over the queries (k's and v's gradients) put the keys last in their
+    output, [.., D, Lk], and never the head width (XLA's CPU backend runs those 3-4× slower): whole
+    attention, whose autodiff would make k's gradient [.., Lk, D], and chunked."""
+    q, k, v, _ = _inputs()  # 24 queries, 20 keys, heads of 8
+    loss = lambda q, k, v: attention.dot_product_attention(  # noqa: E731
+        q, k, v, max_scores=max_scores, chunk_scores=100).sum()  # chunked: 4 queries at a time
+    over_queries = [eqn for eqn in _dot_generals(jax.make_jaxpr(jax.grad(loss, argnums=(1, 2)))(q, k, v).jaxpr)
+                    if all(eqn.invars[side].aval.shape[dims[0]] in (24, 4) for side, dims in
+                           enumerate(eqn.params["dimension_numbers"][0]) if dims)]
+    assert len(over_queries) == 2  # k's gradient and v's
+    assert [eqn.outvars[0].aval.shape[-2:] for eqn in over_queries] == [(8, 20)] * 2
+
+
 def test_chunk_is_the_largest_divisor_of_the_queries_within_the_budget():
     assert attention._largest_divisor_at_most(4096, (1 << 20) // 4096) == 256
     assert attention._largest_divisor_at_most(24, 7) == 6
