@@ -36,11 +36,31 @@ def _assert_equals_plain_softmax(q, k, v, mask, **sizes):
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("max_scores, chunk_scores", [(10**6, 10**6), (100, 100), (100, 60), (100, 1)])
-def test_attention_in_chunks_equals_plain_softmax_with_gradients(masked, max_scores, chunk_scores):
+@pytest.mark.parametrize("head_by_head", [False, True])
+def test_attention_in_chunks_equals_plain_softmax_with_gradients(masked, max_scores, chunk_scores, head_by_head):
     q, k, v, mask = _inputs()
     mask = mask if masked else None
-    # 24 queries × 20 keys: whole; 5-query chunks (100 // 20); 3-query chunks (60 // 20); one query at a time.
-    _assert_equals_plain_softmax(q, k, v, mask, max_scores=max_scores, chunk_scores=chunk_scores)
+    # 24 queries × 20 keys: whole; 4-query chunks (divisors of 24 up to 100 // 20); 3-query chunks (60 // 20);
+    # one query at a time. Chunks take all 3 heads at once or go one head at a time.
+    _assert_equals_plain_softmax(q, k, v, mask, max_scores=max_scores, chunk_scores=chunk_scores,
+                                 head_by_head=head_by_head)
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 3, 24, 20), (3, 24, 20), (24, 20)])
+def test_head_by_head_takes_masks_per_head_or_shared(mask_shape):
+    q, k, v, _ = _inputs()
+    mask = jax.random.bernoulli(jax.random.key(5), 0.7, mask_shape).at[..., 0].set(True)
+    _assert_equals_plain_softmax(q, k, v, mask, max_scores=100, chunk_scores=100, head_by_head=True)
+
+
+@pytest.mark.parametrize("head_by_head", [None, False, True])
+def test_chunked_attention_goes_head_by_head_on_a_cpu(head_by_head):
+    q, k, v, _ = _inputs()
+    jaxpr = jax.make_jaxpr(lambda q, k, v: attention.dot_product_attention(
+        q, k, v, max_scores=100, chunk_scores=100, head_by_head=head_by_head))(q, k, v).jaxpr
+    by_head = head_by_head if head_by_head is not None else jax.default_backend() == "cpu"
+    # 3 heads, each of 6 chunks of 4 queries; or 6 chunks of all heads.
+    assert [eqn.params["length"] for eqn in _equations(jaxpr, "scan")] == ([3, 6] if by_head else [6])
 
 
 @pytest.mark.parametrize("width", [1, 16, 17, 20, 64, 96, 4096])
@@ -59,16 +79,16 @@ def test_chunks_whose_row_sums_come_from_the_product_with_v(masked):
     _assert_equals_plain_softmax(q, k, v, mask, max_scores=64, chunk_scores=8 * 64)
 
 
-def _dot_generals(jaxpr):
-    """Every dot_general of a jaxpr, inside loops, custom rules and nested jits too."""
+def _equations(jaxpr, primitive):
+    """Every equation of a jaxpr applying ``primitive``, inside loops, custom rules and nested jits too."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
+        if eqn.primitive.name == primitive:
             yield eqn
         for param in eqn.params.values():
             for sub in param if isinstance(param, (tuple, list)) else (param,):
                 sub = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's Jaxpr
                 if hasattr(sub, "eqns"):
-                    yield from _dot_generals(sub)
+                    yield from _equations(sub, primitive)
 
 
 @pytest.mark.parametrize("max_scores", [10**6, 100])
@@ -79,7 +99,8 @@ def test_gradients_of_k_and_v_are_made_with_their_heads_width_leading(max_scores
     q, k, v, _ = _inputs()  # 24 queries, 20 keys, heads of 8
     loss = lambda q, k, v: attention.dot_product_attention(  # noqa: E731
         q, k, v, max_scores=max_scores, chunk_scores=100).sum()  # chunked: 4 queries at a time
-    over_queries = [eqn for eqn in _dot_generals(jax.make_jaxpr(jax.grad(loss, argnums=(1, 2)))(q, k, v).jaxpr)
+    grad = jax.make_jaxpr(jax.grad(loss, argnums=(1, 2)))(q, k, v).jaxpr
+    over_queries = [eqn for eqn in _equations(grad, "dot_general")
                     if all(eqn.invars[side].aval.shape[dims[0]] in (24, 4) for side, dims in
                            enumerate(eqn.params["dimension_numbers"][0]) if dims)]
     assert len(over_queries) == 2  # k's gradient and v's

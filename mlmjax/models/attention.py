@@ -4,7 +4,8 @@ At 512 px the UNet's first self-attention compares 4096 queries with 4096 keys p
 scores (and keeping them for the backward pass) cost the old diffusers Flax UNet tens of GB. Here the
 queries are processed in chunks, so the forward pass holds one chunk of scores at a time and keeps only
 the output and each query's log-normaliser; the backward pass makes each chunk's scores again and
-takes its gradients from those (FlashAttention's backward pass, chunked over queries only).
+takes its gradients from those (FlashAttention's backward pass, chunked over queries only). On a CPU the
+chunks also go one head at a time, so that a chunk's scores stay in cache.
 
 On a GPU, bfloat16/float16 attention whose head width cuDNN takes goes to cuDNN's fused kernel
 instead (``jax.nn.dot_product_attention(implementation="cudnn")``), which keeps the scores on chip.
@@ -216,6 +217,7 @@ def dot_product_attention(
     upcast: bool = False,
     max_scores: int = DEFAULT_MAX_SCORES,
     chunk_scores: int = DEFAULT_CHUNK_SCORES,
+    head_by_head: bool | None = None,
 ) -> jax.Array:
     """softmax(q·kᵀ/√d)·v for q ``[B, Lq, H, D]``, k/v ``[B, Lk, H, D]`` → ``[B, Lq, H, D]``.
 
@@ -226,6 +228,8 @@ def dot_product_attention(
       max_scores: largest ``Lq × Lk`` held whole; above it the queries are split into chunks whose
         scores the backward pass makes again (FlashAttention's backward pass) instead of keeping them.
       chunk_scores: largest ``chunk × Lk`` of one such chunk.
+      head_by_head: chunked attention loops over the heads too, the whole batch at once (None: on a
+        CPU, where a chunk's scores then stay in cache; an accelerator takes all heads in each chunk).
 
     Which of these runs is ``implementation``'s choice (module docstring); cuDNN takes no mask and
     no ``upcast`` (its scores accumulate in float32 anyway).
@@ -249,4 +253,26 @@ def dot_product_attention(
     chunk = _largest_divisor_at_most(q_len, max(1, chunk_scores // k_len))
     if mask is not None:
         mask = jnp.broadcast_to(mask, (*mask.shape[:-2], q_len, k_len))
-    return jnp.swapaxes(_attend_in_chunks(q, k, v, mask, chunk, upcast), 1, 2)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # [B or 1, H or 1, Lq, Lk]
+    if head_by_head is None:
+        head_by_head = jax.default_backend() == "cpu"
+    attend = _attend_head_by_head if head_by_head else _attend_in_chunks
+    return jnp.swapaxes(attend(q, k, v, mask, chunk, upcast), 1, 2)
+
+
+def _attend_head_by_head(q, k, v, mask, chunk, upcast):
+    """:func:`_attend_in_chunks` one head at a time, the whole batch at once.
+
+    On a CPU a chunk's scores for one head (SD 1.5's 4096-token attention at batch 4: [4, 256, 4096],
+    16 MB) stay in cache between the operations that make and read them, where all 8 heads' (128 MB) do
+    not: forward and backward 3.64 → 2.92 s, the forward alone 2.07 → 1.17 s (2-core CPU). The batch
+    stays inside the loop so that a batch split over devices stays split."""
+    per_head = lambda x: jnp.moveaxis(x, 1, 0)[:, :, None]  # noqa: E731  [H, B, 1, L, D]
+    mask_per_head = mask is not None and mask.shape[1] > 1
+
+    def one_head(head):
+        q, k, v, head_mask = head
+        return _attend_in_chunks(q, k, v, head_mask if mask_per_head else mask, chunk, upcast)
+
+    heads = (per_head(q), per_head(k), per_head(v), per_head(mask) if mask_per_head else None)
+    return jnp.moveaxis(jax.lax.map(one_head, heads)[:, :, 0], 0, 1)
