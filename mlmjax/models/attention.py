@@ -104,11 +104,18 @@ def _query_key_product(q, k):
     return jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
 
 
-def _query_key_product_backward(residuals, d_scores):
-    q, k = residuals
+def _query_key_gradients(q, k, d_scores):
+    """The gradients of q·kᵀ from the scores' gradient, in float32: q's ``[B, H, Lq, D]`` and k's transposed,
+    ``[B, H, D, Lk]`` (:func:`_transposed_product`)."""
     d_scores = d_scores.astype(q.dtype)
     dq = jnp.einsum("bhqk,bhkd->bhqd", d_scores, k, preferred_element_type=jnp.float32)
-    return dq.astype(q.dtype), jnp.swapaxes(_transposed_product(q, d_scores), 2, 3).astype(k.dtype)
+    return dq, _transposed_product(q, d_scores)
+
+
+def _query_key_product_backward(residuals, d_scores):
+    q, k = residuals
+    dq, dk_transposed = _query_key_gradients(q, k, d_scores)
+    return dq.astype(q.dtype), jnp.swapaxes(dk_transposed, 2, 3).astype(k.dtype)
 
 
 _query_key_product.defvjp(lambda q, k: (_query_key_product(q, k), (q, k)), _query_key_product_backward)
@@ -193,10 +200,9 @@ def _attend_in_chunks_backward(chunk, upcast, residuals, g):
                           - _chunk(logsumexp, index, chunk, 2)[..., None])
         dv = dv + _transposed_product(g_c, weights.astype(g.dtype))
         d_weights = jnp.einsum("bhqd,bhkd->bhqk", g_c, v, preferred_element_type=jnp.float32)
-        d_scores = (weights * (d_weights - _chunk(g_dot_out, index, chunk, 2)[..., None])).astype(q.dtype)
-        dq = jnp.einsum("bhqk,bhkd->bhqd", d_scores, k, preferred_element_type=jnp.float32) * scale
-        dk = dk + _transposed_product(q_c, d_scores) * scale
-        return (dk, dv), dq
+        d_scores = weights * (d_weights - _chunk(g_dot_out, index, chunk, 2)[..., None])
+        dq, dk_transposed = _query_key_gradients(q_c, k, d_scores)
+        return (dk + dk_transposed * scale, dv), dq * scale
 
     zeros = jnp.zeros(jnp.swapaxes(k, 2, 3).shape, jnp.float32)  # dk and dv transposed, as they accumulate
     (dk, dv), dq = jax.lax.scan(one_chunk, (zeros, zeros), jnp.arange(q.shape[2] // chunk))
