@@ -10,7 +10,8 @@ two gives each traced operation a kind (matmul, convolution, cuDNN attention, re
 data movement, collective: what the fusion computes, looked up inside it) and a scope (the Flax model,
 forward or backward pass; outside the models, the function that issued it, from the module's
 source locations: ``mlm._chunked_statistics``, ``train_step.diffusion_draws``, ``optimizer.adamw``;
-"unattributed" for what XLA made without a source, such as layout copies). Inside a model the layer
+inside a loop's body, what XLA made without a source takes the loop's scope; "unattributed" for what
+it made without one elsewhere, such as layout copies). Inside a model the layer
 narrows the scope to the two innermost Flax modules (``UNet2DConditionModel transformer_blocks/attn1
 backward``: the attention between its projections), summed over every block that has one. Loops
 and conditionals are containers: their bodies' operations are counted, not the loop itself. On a GPU
@@ -210,10 +211,39 @@ def _layer(instruction: _Instruction, scope: str) -> str:
     return f"{model} {'/'.join(modules[-2:]) or '(top)'} {direction}"
 
 
+def _callers(computations: dict[str, dict[str, _Instruction]],
+             fused: set[str]) -> dict[str, tuple[_Instruction, str]]:
+    """Each computation a loop, call or conditional runs: that instruction and the computation it is in
+    (fusion bodies are not run on their own)."""
+    callers = {}
+    for computation, instructions in computations.items():
+        if computation not in fused:
+            for instruction in instructions.values():
+                if instruction.opcode in _CONTAINERS:
+                    callers.update((called, (instruction, computation)) for called in instruction.called)
+    return callers
+
+
 def hlo_ops(hlo_text: str) -> dict[str, HloOp]:
     """Every instruction that runs on its own (not inside a fusion) of a compiled module's text
-    (``jax.stages.Compiled.as_text()``), by name."""
+    (``jax.stages.Compiled.as_text()``), by name.
+
+    An instruction XLA made without a source inside a loop's body (SD 1.5's attention loops lose their
+    products' sources) takes the scope and layer of the innermost loop around it that has one; only what
+    has none up its chain of loops stays unattributed."""
     computations, fused, sources = _parse(hlo_text)
+    callers = _callers(computations, fused)
+
+    def scope_and_layer(instruction: _Instruction, computation: str) -> tuple[str, str]:
+        scope, seen = _scope(instruction, sources), {computation}
+        while scope == UNATTRIBUTED and computation in callers:
+            instruction, computation = callers[computation]
+            if computation in seen:  # a malformed module's cycle
+                break
+            seen.add(computation)
+            scope = _scope(instruction, sources)
+        return scope, _layer(instruction, scope)
+
     ops = {}
     for computation, instructions in computations.items():
         if computation in fused:
@@ -223,8 +253,8 @@ def hlo_ops(hlo_text: str) -> dict[str, HloOp]:
                 continue
             category = "container" if instruction.opcode in _CONTAINERS else _category(
                 _kinds(instruction, computations))
-            scope = _scope(instruction, sources)
-            ops[name] = HloOp(instruction.opcode, category, scope, _layer(instruction, scope))
+            scope, layer = scope_and_layer(instruction, computation)
+            ops[name] = HloOp(instruction.opcode, category, scope, layer)
     return ops
 
 

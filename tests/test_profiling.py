@@ -77,3 +77,62 @@ def test_the_module_name_is_what_the_trace_calls_it(compiled):
     name = profiling.module_name(compiled[0].as_text())
     assert name.startswith("jit_") and profiling.module_name("HloModule jit_train_step, is_scheduled=true") == \
         "jit_train_step"
+
+
+# A loop nest as XLA's CPU compiler leaves SD 1.5's chunked attention: the products in the inner body
+# have lost their sources; the loops keep theirs.
+_LOOPS = """HloModule jit_step, is_scheduled=true
+
+%inner_body (a: (s32[], f32[4,4])) -> (s32[], f32[4,4]) {
+  %a = (s32[], f32[4,4]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%a), index=0
+  %x = f32[4,4]{1,0} get-tuple-element(%a), index=1
+  %dot.7 = f32[4,4]{1,0} dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %t = (s32[], f32[4,4]{1,0}) tuple(%i, %dot.7)
+}
+
+%inner_cond (b: (s32[], f32[4,4])) -> pred[] {
+  %b = (s32[], f32[4,4]{1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%b), index=0
+  %n = s32[] constant(16)
+  ROOT %lt.1 = pred[] compare(%j, %n), direction=LT
+}
+
+%outer (c: (s32[], f32[4,4])) -> (s32[], f32[4,4]) {
+  %c = (s32[], f32[4,4]{1,0}) parameter(0)
+  ROOT %while.5 = (s32[], f32[4,4]{1,0}) while(%c), condition=%inner_cond, body=%inner_body, metadata={op_name="@IN"}
+}
+
+%outer_cond (d: (s32[], f32[4,4])) -> pred[] {
+  %d = (s32[], f32[4,4]{1,0}) parameter(0)
+  %k = s32[] get-tuple-element(%d), index=0
+  %m = s32[] constant(8)
+  ROOT %lt.2 = pred[] compare(%k, %m), direction=LT
+}
+
+ENTRY %main (p: f32[4,4]) -> (s32[], f32[4,4]) {
+  %p = f32[4,4]{1,0} parameter(0)
+  %copy.3 = f32[4,4]{1,0} copy(%p)
+  %zero = s32[] constant(0)
+  %init = (s32[], f32[4,4]{1,0}) tuple(%zero, %copy.3)
+  ROOT %while.9 = (s32[], f32[4,4]{1,0}) while(%init), condition=%outer_cond, body=%outer, metadata={op_name="@OUT"}
+}
+""".replace("@IN", "jit(step)/jvp(UNet2DConditionModel)/up_blocks_3/attentions_1/transformer_blocks_0/attn1/"
+            "while/body/closed_call/while").replace(
+    "@OUT", "jit(step)/transpose(jvp(UNet2DConditionModel))/down_blocks_0/attentions_0/transformer_blocks_0/"
+    "attn1/while")
+
+
+def test_operations_without_a_source_in_a_loop_take_the_loops_scope():
+    ops = profiling.hlo_ops(_LOOPS)
+    # The product lost its source; the loop around it says where it came from.
+    assert ops["dot.7"] == profiling.HloOp("dot", "matmul", "UNet2DConditionModel forward",
+                                           "UNet2DConditionModel transformer_blocks/attn1 forward")
+    # The inner loop's condition has no loop with a source nearer than the inner loop's own.
+    assert ops["lt.1"].layer == "UNet2DConditionModel transformer_blocks/attn1 forward"
+    # The outer condition: the outer loop's, the backward pass of another block's attention.
+    assert ops["lt.2"].scope == "UNet2DConditionModel backward"
+    assert ops["lt.2"].layer == "UNet2DConditionModel transformer_blocks/attn1 backward"
+    # Outside every loop, what XLA made without a source stays unattributed.
+    assert ops["copy.3"].scope == profiling.UNATTRIBUTED
+    assert ops["while.9"].category == "container"
