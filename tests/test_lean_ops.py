@@ -42,6 +42,29 @@ def test_convolution_equals_lax_in_value_and_both_gradients(stride, padding):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("padding", [((1, 1), (1, 1)), ((0, 2), (2, 1)), "SAME", "VALID"])
+def test_a_large_kernels_input_gradient_is_made_by_flipping_positions(padding):
+    """Where the kernel outnumbers the incoming gradient (SD 1.5's low resolutions), the input gradient
+    flips positions instead of the kernel's taps: the same gradients as lax's."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 4, 5, 16)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 16, 24)), jnp.float32)
+    options = dict(window_strides=(1, 1), padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def loss(conv, x, kernel):
+        return jnp.sum(jnp.sin(conv(x, kernel, **options)))
+
+    grads = jax.grad(loss, argnums=(1, 2))
+    assert kernel.size > jax.eval_shape(lambda: jax.lax.conv_general_dilated(x, kernel, **options)).size
+    lean, reference = grads(lean_ops.conv_general_dilated, x, kernel), grads(jax.lax.conv_general_dilated, x, kernel)
+    for got, want in zip(lean, reference):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # The form taken: the kernel's swap inside a conditional on the gradient, no reversal of the kernel.
+    jaxpr = str(jax.make_jaxpr(functools.partial(grads, lean_ops.conv_general_dilated))(x, kernel))
+    assert "cond[" in jaxpr
+    assert all("rev" not in line or "16,24" not in line for line in jaxpr.splitlines())
+
+
 def _temp_bytes(conv, activation) -> int:
     """Temporaries of the input gradient through a stack of frozen convolutions and activations."""
     kernels = [jnp.zeros((3, 3, 64, 64)) for _ in range(6)]
