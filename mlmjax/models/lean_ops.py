@@ -74,19 +74,25 @@ def _convolve_forward(convolution, inputs, kernel):
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
-def _flip_form_padding(convolution: functools.partial, inputs: jax.Array, kernel: jax.Array):
-    """The explicit padding of a stride-1, undilated, ungrouped NHWC/HWIO convolution, whose input gradient
-    :func:`_input_gradient_by_flips` makes; None for any other."""
+def _flip_form_padding(convolution: functools.partial, inputs: jax.Array, kernel: jax.Array, g: jax.Array):
+    """The explicit padding of a convolution whose input gradient :func:`_input_gradient_by_flips` makes:
+    stride 1, undilated, ungrouped, NHWC/HWIO, on a CPU, with more kernel elements than g has. None for
+    any other.
+
+    Flipping g and the result pays where the kernel is the larger (low resolutions, many channels), on a
+    CPU: a GPU's conditional would wait for its predicate on the host, and XLA's GPU and TPU convolutions
+    take a flipped kernel as it comes."""
     options = convolution.keywords
     ones = (1,) * (kernel.ndim - 2)
-    plain = (tuple(options["window_strides"]) == ones
-             and tuple(options.get("lhs_dilation") or ones) == ones
-             and tuple(options.get("rhs_dilation") or ones) == ones
-             and options.get("feature_group_count", 1) == 1 and options.get("batch_group_count", 1) == 1
-             and kernel.ndim == 4 and options.get("dimension_numbers") is not None
-             and jax.lax.conv_dimension_numbers(inputs.shape, kernel.shape, options["dimension_numbers"])
-             == jax.lax.conv_dimension_numbers(inputs.shape, kernel.shape, _NHWC))
-    if not plain:
+    applies = (jax.default_backend() == "cpu" and kernel.size > g.size
+               and tuple(options["window_strides"]) == ones
+               and tuple(options.get("lhs_dilation") or ones) == ones
+               and tuple(options.get("rhs_dilation") or ones) == ones
+               and options.get("feature_group_count", 1) == 1 and options.get("batch_group_count", 1) == 1
+               and kernel.ndim == 4 and options.get("dimension_numbers") is not None
+               and jax.lax.conv_dimension_numbers(inputs.shape, kernel.shape, options["dimension_numbers"])
+               == jax.lax.conv_dimension_numbers(inputs.shape, kernel.shape, _NHWC))
+    if not applies:
         return None
     padding = options["padding"]
     if isinstance(padding, str):
@@ -117,11 +123,8 @@ def _input_gradient_by_flips(convolution: functools.partial, g: jax.Array, kerne
 
 def _convolve_backward(convolution, residuals, g):
     inputs, kernel = residuals
-    padding = _flip_form_padding(convolution, inputs, kernel)
-    # Flipping g and the result pays where the kernel is the larger (low resolutions, many channels), on
-    # a CPU: a GPU's conditional would wait for its predicate on the host, and XLA's GPU and TPU
-    # convolutions take a flipped kernel as it comes.
-    if padding is not None and kernel.size > g.size and jax.default_backend() == "cpu":
+    padding = _flip_form_padding(convolution, inputs, kernel, g)
+    if padding is not None:
         d_inputs = _input_gradient_by_flips(convolution, g, kernel, padding)
         _, kernel_vjp = jax.vjp(lambda k: convolution(inputs, k), kernel)  # needs g and inputs, not kernel
         return d_inputs.astype(inputs.dtype), kernel_vjp(g)[0]
