@@ -4,11 +4,14 @@
 ``args`` (arrays, or ``jax.ShapeDtypeStruct``s with a ``sharding``, so a Stable-Diffusion-sized step
 can be sized without allocating its weights) and returns the executable with its compile time, its
 FLOPs and its per-device memory: numbers a run logs once at start-up and a benchmark reports.
+
+On a CPU it also picks which kernels run a large step (:func:`cpu_compiler_options`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -18,6 +21,15 @@ import jax
 _MEMORY_FIELDS = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes",
                   "temp": "temp_size_in_bytes", "alias": "alias_size_in_bytes",
                   "generated_code": "generated_code_size_in_bytes"}
+
+# jaxlib 0.10's CPU compiler hands convolutions, products and reductions to YNNPACK. That pays on small
+# operations, whose cost is mostly the call, and loses on large ones: the SD 1.5 TI step (batch 4, 512
+# px) ran in 24.1 s with XLA's own kernels against 28.4 s with YNNPACK's (2-core AMD EPYC; 3 steps
+# each, compiled side by side; on a 2-core Xeon its UNet forward took 6.3 against 8.1 s) and kept less in
+# temporaries, where the tiny TI + MLM step ran in 43.7 ms against 41.3. The choice follows the step's size: the tiny steps
+# count 1-5 GFLOP, SD 1.5's thousands.
+_YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
+_XLA_KERNELS_ABOVE_FLOPS = 1e11
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +43,7 @@ class Compiled:
         a lowered, unpartitioned step's count is the whole step's); None where the backend gives
         none. It counts each loop's body once: a step that loops over attention or vocabulary chunks does more
         (``mlmjax.bench_cases.model_flops`` counts the model's FLOPs without the loops).
+      compiler_options: the XLA options it was compiled with (:func:`cpu_compiler_options`).
       memory: bytes per device: ``argument``, ``output``, ``temp`` (XLA's temporaries: the
         activations kept for the backward pass live here), ``alias`` (outputs written into donated
         inputs), ``generated_code``, and ``peak_bytes`` = argument + output + temp - alias, an upper
@@ -40,6 +53,7 @@ class Compiled:
     compile_seconds: float
     flops: float | None
     memory: dict[str, int] | None
+    compiler_options: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __call__(self, *args, **kwargs):
         return self.executable(*args, **kwargs)
@@ -47,6 +61,8 @@ class Compiled:
     def describe(self) -> str:
         """One line, e.g. ``compiled in 41.2 s; 1.23 GFLOP/step; peak 0.45 GB per device (args 0.2, temp 0.2)``."""
         parts = [f"compiled in {self.compile_seconds:.1f} s"]
+        if self.compiler_options.get(_YNN_OPTION) == "":
+            parts[0] += " (XLA's own CPU kernels, no YNNPACK)"
         if self.flops is not None:
             parts.append(f"{self.flops / 1e9:.3g} GFLOP/step")
         if self.memory is not None:
@@ -81,14 +97,27 @@ def _memory(executable: jax.stages.Compiled) -> dict[str, int] | None:
     return memory
 
 
+def cpu_compiler_options(lowered: jax.stages.Lowered) -> dict[str, str]:
+    """XLA options for compiling ``lowered``: on a CPU, a program of more than 1e11 FLOPs (XLA's count
+    of the lowered program) runs on XLA's own kernels instead of YNNPACK's; nothing otherwise, nor where
+    ``XLA_FLAGS`` sets ``--xla_cpu_experimental_ynn_fusion_type`` itself (the user's choice stands)."""
+    if jax.default_backend() != "cpu" or _YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
+        return {}
+    count = flops(lowered)
+    return {_YNN_OPTION: ""} if count is not None and count > _XLA_KERNELS_ABOVE_FLOPS else {}
+
+
 def compile_step(jitted: Any, *args, **kwargs) -> Compiled:
-    """Lowers and compiles ``jitted`` (a ``jax.jit`` function) for ``args`` without running it.
+    """Lowers and compiles ``jitted`` (a ``jax.jit`` function) for ``args`` without running it, with
+    :func:`cpu_compiler_options`.
 
     ``args`` may be arrays or ``jax.ShapeDtypeStruct``s (give them a ``sharding`` to compile for a
     mesh); donated arguments are not consumed.
     """
     start = time.perf_counter()
-    executable = jitted.lower(*args, **kwargs).compile()
+    lowered = jitted.lower(*args, **kwargs)
+    options = cpu_compiler_options(lowered)
+    executable = lowered.compile(options or None)
     seconds = time.perf_counter() - start
     return Compiled(executable=executable, compile_seconds=seconds, flops=flops(executable),
-                    memory=_memory(executable))
+                    memory=_memory(executable), compiler_options=options)

@@ -2,8 +2,7 @@ r"""Benchmarks of the train step: JAX against the PyTorch reference, per method,
 
     python -m mlmjax.bench                                     # tiny size, 4 methods x MLM on/off, JAX + PyTorch
     python -m mlmjax.bench --methods ti --mlm off --size sd15 --repeats 2 --json sd15.json
-    XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= python -m mlmjax.bench --size sd15 --methods ti,dreambooth \
-        --markdown   # README table (an hour, ~21 GB; the flag: XLA's own convolutions, see the README)
+    python -m mlmjax.bench --size sd15 --methods ti,dreambooth --markdown   # README table (~21 GB)
     python -m mlmjax.bench --size sd15 --compile_only --methods ti --mlm off   # XLA's memory, no weights
     python -m mlmjax.bench --sharded_memory --methods dreambooth --mlm off --framework none   # fsdp=8 memory
     python -m mlmjax.bench --size sd15 --methods dreambooth --compute_dtype bfloat16 --repeats 10   # on a GPU: MFU

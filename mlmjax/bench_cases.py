@@ -377,6 +377,7 @@ def run_jax_case(request: dict, case_dir: str, partial: str | None = None) -> di
         compiled = aot.compile_step(jitted, state, device_batch, rng)
     _log(compiled.describe())
     row.update(compile_s=compiled.compile_seconds, flops_compiled=compiled.flops, memory=compiled.memory,
+               compiler_options=compiled.compiler_options,
                peak_memory_bytes=None if compiled.memory is None else compiled.memory["peak_bytes"])
     _save_partial(partial, row)  # what the compiler says survives a step that runs out of memory
     rss_before = bench_torch.peak_rss_bytes()
@@ -507,7 +508,7 @@ def sharded_memory(request: dict) -> dict[str, Any]:
             "compute_dtype": request["compute_dtype"], "remat": bool(request.get("remat", False)),
             "mesh": dict(zip(sharding.AXES, (1, devices, 1))), "devices": devices, **_batch_rows(batch),
             "compile_s": compiled.compile_seconds, "flops_compiled": compiled.flops,
-            "memory_per_device": compiled.memory,
+            "compiler_options": compiled.compiler_options, "memory_per_device": compiled.memory,
             "peak_bytes_per_device": None if compiled.memory is None else compiled.memory["peak_bytes"],
             "peak_rss_bytes": bench_torch.peak_rss_bytes()}
 

@@ -139,6 +139,10 @@ def markdown(result: dict) -> str:
     lines = [f"Machine: {accelerator}{m['cpu']}, {m['cores']} cores, load average {m['load_average'][0]:.1f} at start, "
              f"{m.get('load_average_end', [float('nan')])[0]:.1f} at end; {versions}; "
              f"XLA_FLAGS={m['xla_flags'] or '(none)'}; {m['date']}."]
+    chosen = sorted({f"{r['size']}: {k}={v!r}" for r in result["rows"]
+                     for k, v in (r.get("compiler_options") or {}).items()})
+    if chosen:  # mlmjax.aot.cpu_compiler_options
+        lines[0] += f" XLA options the JAX steps were compiled with: {'; '.join(chosen)}."
     peaks = [f"{fw} {fmt(peak[fw]['flops_per_s'], '.1f', 1e9)} GFLOP/s" for fw in FRAMEWORKS if peak.get(fw)]
     threads = sorted({r["threads"] for r in result["rows"] if r.get("threads")})
     measured = next((peak[fw] for fw in FRAMEWORKS if peak.get(fw)), None)

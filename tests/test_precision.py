@@ -37,6 +37,24 @@ def test_compile_step_reports_the_flops_and_memory_of_a_matmul():
     np.testing.assert_array_equal(compiled(x, y), np.full((64, 32), 128, np.float32))
 
 
+def _ynn_fusions(compiled: aot.Compiled) -> int:
+    return compiled.executable.as_text().count('"__ynn_fusion"')
+
+
+def test_a_large_cpu_program_is_compiled_with_xlas_own_kernels_unless_xla_flags_choose(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    small = [jax.ShapeDtypeStruct((64, 128), jnp.float32), jax.ShapeDtypeStruct((128, 32), jnp.float32)]
+    large = [jax.ShapeDtypeStruct((4096, 4096), jnp.float32)] * 2  # 1.4e11 FLOPs; compiled, never run
+    kept = aot.compile_step(jax.jit(jnp.matmul), *small)
+    assert kept.compiler_options == {} and _ynn_fusions(kept) > 0  # XLA's default: YNNPACK's product
+    chosen = aot.compile_step(jax.jit(jnp.matmul), *large)
+    assert chosen.compiler_options == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert _ynn_fusions(chosen) == 0 and "XLA's own CPU kernels" in chosen.describe()
+    # The user's XLA_FLAGS (read when the backend started) stand: nothing is passed over them.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE")
+    assert aot.compile_step(jax.jit(jnp.matmul), *large).compiler_options == {}
+
+
 # ---------------------------------------------------------------------------------------------------
 # bf16 compute, float32 master weights
 
