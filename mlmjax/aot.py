@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 
@@ -97,13 +97,14 @@ def _memory(executable: jax.stages.Compiled) -> dict[str, int] | None:
     return memory
 
 
-def cpu_compiler_options(lowered: jax.stages.Lowered) -> dict[str, str]:
-    """XLA options for compiling ``lowered``: on a CPU, a program of more than 1e11 FLOPs (XLA's count
-    of the lowered program) runs on XLA's own kernels instead of YNNPACK's; nothing otherwise, nor where
-    ``XLA_FLAGS`` sets ``--xla_cpu_experimental_ynn_fusion_type`` itself (the user's choice stands)."""
+def cpu_compiler_options(lower: Callable[[], jax.stages.Lowered]) -> dict[str, str]:
+    """XLA options for compiling what ``lower()`` lowers: on a CPU, a program of more than 1e11 FLOPs
+    (XLA's count of the lowered program) runs on XLA's own kernels instead of YNNPACK's; nothing
+    otherwise, nor where ``XLA_FLAGS`` sets ``--xla_cpu_experimental_ynn_fusion_type`` itself (the
+    user's choice stands). ``lower`` is called only where there is a choice to make."""
     if jax.default_backend() != "cpu" or _YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
         return {}
-    count = flops(lowered)
+    count = flops(lower())
     return {_YNN_OPTION: ""} if count is not None and count > _XLA_KERNELS_ABOVE_FLOPS else {}
 
 
@@ -116,7 +117,7 @@ def compile_step(jitted: Any, *args, **kwargs) -> Compiled:
     """
     start = time.perf_counter()
     lowered = jitted.lower(*args, **kwargs)
-    options = cpu_compiler_options(lowered)
+    options = cpu_compiler_options(lambda: lowered)
     executable = lowered.compile(options or None)
     seconds = time.perf_counter() - start
     return Compiled(executable=executable, compile_seconds=seconds, flops=flops(executable),

@@ -34,6 +34,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mlmjax import aot
 from mlmjax import files
 from mlmjax import sharding
 from mlmjax import tokenizer as tokenizer_lib
@@ -211,6 +212,18 @@ def _jitted_sampler(compiler_options: tuple[tuple[str, Any], ...]) -> Callable:
                    compiler_options=dict(compiler_options) or None)
 
 
+_CHOSEN_OPTIONS: dict[tuple, dict[str, str]] = {}
+
+
+def _chosen_options(args: tuple, static: dict) -> dict[str, str]:
+    """:func:`mlmjax.aot.cpu_compiler_options` for the sampler at these shapes, decided once per shape:
+    on a CPU, Stable Diffusion's sampler runs on XLA's own kernels, the tiny model's on XLA's default."""
+    key = (tuple(static.items()), tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves(args)))
+    if key not in _CHOSEN_OPTIONS:
+        _CHOSEN_OPTIONS[key] = aot.cpu_compiler_options(lambda: _jitted_sampler(()).lower(*args, **static))
+    return _CHOSEN_OPTIONS[key]
+
+
 def plain_spec(model: Pretrained) -> StepSpec:
     """The spec that samples ``model`` as it is (no concept, no MLM), e.g. for class images."""
     schedule = NoiseSchedule.from_config(model.scheduler_config)
@@ -267,7 +280,8 @@ def generate(spec: StepSpec, params: dict, vae: AutoencoderKL, vae_params: dict,
         ``uncond + scale · (cond − uncond)`` (diffusers ignores scales ≤ 1 instead).
       latent_hw: latent height and width (image size / 8 for SD).
       compiler_options: XLA options for the one executable, e.g. ``{"xla_backend_optimization_level": 0}``
-        to halve compile time on CPU when the run is short.
+        to halve compile time on CPU when the run is short. Default: :func:`mlmjax.aot.cpu_compiler_options`'s
+        choice for the sampler at these shapes.
 
     The same ``rng`` gives the same images. With one key per image, image i's noise depends on
     ``rng[i]`` alone; its pixels then depend on the rest of the batch only through float rounding
@@ -300,11 +314,13 @@ def generate(spec: StepSpec, params: dict, vae: AutoencoderKL, vae_params: dict,
                                                  np.pad(negative_ids, pad, mode="edge")), batch_sharding)
         rng = sharding.replicate_key(rng, mesh)
 
-    sampler = _jitted_sampler(tuple(sorted((compiler_options or {}).items())))
-    images = sampler(params, vae_params, prompt_ids, negative_ids, rng, jnp.float32(guidance_scale),
-                     schedule.timesteps, schedule.coefficients, spec=spec, vae=vae, num_images=num_images,
-                     latent_shape=(*latent_hw, spec.unet.config.in_channels), guided=guided,
-                     clip_sample_range=schedule.clip_sample_range, batch_sharding=batch_sharding)
+    args = (params, vae_params, prompt_ids, negative_ids, rng, jnp.float32(guidance_scale), schedule.timesteps,
+            schedule.coefficients)
+    static = dict(spec=spec, vae=vae, num_images=num_images, latent_shape=(*latent_hw, spec.unet.config.in_channels),
+                  guided=guided, clip_sample_range=schedule.clip_sample_range, batch_sharding=batch_sharding)
+    if compiler_options is None:
+        compiler_options = _chosen_options(args, static)
+    images = _jitted_sampler(tuple(sorted(compiler_options.items())))(*args, **static)
     if not images.is_fully_addressable:  # several processes: each gets every image
         images = multihost_utils.process_allgather(images, tiled=True)
     return np.asarray(images)[:num_images]
