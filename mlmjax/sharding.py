@@ -104,7 +104,11 @@ def put(tree: Any, shardings: Any) -> Any:
 
     def place(leaf: Any, leaf_sharding: jax.sharding.Sharding) -> jax.Array:
         if isinstance(leaf, jax.Array):
-            return jax.device_put(leaf, leaf_sharding)
+            # A reshard across processes is a collective. Gloo pairs the processes' collectives in the
+            # order they run, and independent reshards in flight together may run in different orders
+            # on different processes: once in CI one process hung in the sampler's weight placement
+            # while the other had gone on to gather images. One at a time keeps them in step.
+            return jax.block_until_ready(jax.device_put(leaf, leaf_sharding))
         leaf = np.asarray(leaf)
         return jax.make_array_from_callback(leaf.shape, leaf_sharding, lambda index: leaf[index])
 
