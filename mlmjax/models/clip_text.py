@@ -213,7 +213,8 @@ class CLIPEncoder(nn.Module):
         """Returns the input followed by every layer's output, as transformers' ``hidden_states``."""
         states = [x]
         for i in range(self.config.num_hidden_layers):
-            states.append(CLIPEncoderLayer(self.config, self.dtype, name=f"layers_{i}")(states[-1], mask))
+            layer = CLIPEncoderLayer(self.config, self.dtype, name=f"layers_{i}")
+            states.append(layer(lean_ops.written_gradient(states[-1]), mask))
         return tuple(states)
 
 
