@@ -25,9 +25,9 @@ _MEMORY_FIELDS = {"argument": "argument_size_in_bytes", "output": "output_size_i
 # jaxlib 0.10's CPU compiler hands convolutions, products and reductions to YNNPACK. That pays on small
 # operations, whose cost is mostly the call, and loses on large ones: the SD 1.5 TI step (batch 4, 512
 # px) ran in 24.1 s with XLA's own kernels against 28.4 s with YNNPACK's (2-core AMD EPYC; 3 steps
-# each, compiled side by side; on a 2-core Xeon its UNet forward took 6.3 against 8.1 s) and kept less in
-# temporaries, where the tiny TI + MLM step ran in 43.7 ms against 41.3. The choice follows the step's size: the tiny steps
-# count 1-5 GFLOP, SD 1.5's thousands.
+# each, compiled side by side; on a 2-core Xeon its UNet forward took 6.3 against 8.1 s) and kept less
+# in temporaries, where the tiny TI + MLM step ran in 43.7 ms against 41.3. The choice follows the
+# step's size: the tiny steps count 1-5 GFLOP, SD 1.5's thousands.
 _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _XLA_KERNELS_ABOVE_FLOPS = 1e11
 
