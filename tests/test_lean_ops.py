@@ -97,8 +97,8 @@ def _text_encoder_gradient(monkeypatch, written: bool):
     def loss(params):
         return jnp.sum(jnp.sin(text_encoder.apply({"params": params}, ids)))
 
-    gradient = jax.jit(jax.grad(loss))
-    return gradient(params), gradient.lower(params).compile().as_text()
+    gradient = jax.jit(jax.grad(loss)).lower(params).compile()
+    return gradient(params), gradient.as_text()
 
 
 def test_the_residual_gradient_is_written_out_not_recomputed_in_every_fusion(monkeypatch):
