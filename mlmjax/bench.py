@@ -1,4 +1,5 @@
-r"""Benchmarks of the train step: JAX against the PyTorch reference, per method, with and without MLM.
+r"""Benchmarks of the train step: JAX against the PyTorch and diffusers-Flax references, per method, with
+and without MLM.
 
     python -m mlmjax.bench                                     # tiny size, 4 methods x MLM on/off, JAX + PyTorch
     python -m mlmjax.bench --methods ti --mlm off --size sd15 --repeats 2 --json sd15.json
@@ -6,6 +7,8 @@ r"""Benchmarks of the train step: JAX against the PyTorch reference, per method,
     python -m mlmjax.bench --size sd15 --compile_only --methods ti --mlm off   # XLA's memory, no weights
     python -m mlmjax.bench --sharded_memory --methods dreambooth --mlm off --framework none   # fsdp=8 memory
     python -m mlmjax.bench --size sd15 --methods dreambooth --compute_dtype bfloat16 --repeats 10   # on a GPU: MFU
+    python -m mlmjax.bench --framework jax,torch,diffusers_flax \
+        --diffusers_flax_python /tmp/mlmjax-diffusers-flax/bin/python   # launch/diffusers_flax_env.sh makes it
 
 Every configuration runs in its own fresh subprocess (JAX and PyTorch separately), so its peak
 resident memory is its own. For each it reports: the median step time over ``--repeats`` steps
@@ -31,6 +34,12 @@ model and contextualizer, read by both) and the random draws of the first step, 
 must agree: the ``loss_rel_error`` column checks that the reference is the same step. At SD 1.5
 shapes the weights are random and not shared (timing and memory do not depend on them); the VAE is
 not part of the step (latent moments are precomputed), so none is built: latent moments are random.
+
+``--framework ...,diffusers_flax`` also runs each case with diffusers' and transformers' Flax models
+(``mlmjax.bench_diffusers_flax``: what a JAX user would write without mlmjax) in the interpreter
+``--diffusers_flax_python`` (those models need diffusers 0.39 and transformers 4; mlmjax needs 5), on the
+same case folder; its rows report the compiled memory analysis as the JAX rows do, and XTI/P+, which
+diffusers' Flax UNet cannot express, as not run.
 
 With MLM on, the MLM branch's FLOPs are reported twice: with the vocabulary projection only at the
 masked positions (what the step does: ``max_masked`` rows) and at every position (M × 77 rows, as the
@@ -84,13 +93,15 @@ PARTIAL_SUFFIX = ".compiled"
 # The driver: one subprocess per configuration
 
 
-def _worker(args: list[str], env: dict | None = None, timeout: float | None = None) -> tuple[dict | None, str | None]:
-    """Runs ``python args...`` and reads the row it wrote; ``(row, None)`` or ``(None, error)``."""
+def _worker(args: list[str], env: dict | None = None, timeout: float | None = None,
+            python: str | None = None) -> tuple[dict | None, str | None]:
+    """Runs ``python args...`` (this interpreter unless ``python`` names another) and reads the row it
+    wrote; ``(row, None)`` or ``(None, error)``."""
     with tempfile.TemporaryDirectory(prefix="mlmjax-bench-row-") as tmp:
         out = os.path.join(tmp, ROW_JSON)
         try:
-            proc = subprocess.run([sys.executable, *args, "--out", out], env=env, capture_output=True, text=True,
-                                  timeout=timeout)
+            proc = subprocess.run([python or sys.executable, *args, "--out", out], env=env, capture_output=True,
+                                  text=True, timeout=timeout)
             error = None
         except subprocess.TimeoutExpired:
             error = f"timed out after {timeout:g} s"
@@ -112,10 +123,23 @@ def _jax_worker_args(kind: str, request_path: str | None = None) -> list[str]:
     return args + ([f"--request={request_path}"] if request_path else [])
 
 
+def _reference_worker(framework: str, case_dir: str, options: dict) -> tuple[list[str], str | None]:
+    """``(arguments, interpreter)`` of a reference framework's subprocess for one case folder."""
+    timing = [f"--case={case_dir}", f"--warmup={options['warmup']}", f"--repeats={options['repeats']}"]
+    if framework == "torch":
+        return ["-m", "mlmjax.bench_torch", *timing, *_torch_args(options)], None
+    return ["-m", "mlmjax.bench_diffusers_flax", *timing], options.get("diffusers_flax_python")
+
+
+def _torch_args(options: dict) -> list[str]:
+    return [f"--threads={options.get('torch_threads', 0)}", f"--device={options.get('torch_device', 'auto')}"]
+
+
 def run(options: dict) -> dict[str, Any]:
     """The whole benchmark; ``options``: methods, mlm (list of bools), size, repeats, warmup, frameworks,
-    compute_dtype, configs, sharded_memory, compilation_cache, profile (a folder: profile the JAX steps), log (a
-    callable for progress lines)."""
+    compute_dtype, configs, sharded_memory, compilation_cache, profile (a folder: profile the JAX steps),
+    diffusers_flax_python (the interpreter of the diffusers-Flax reference), log (a callable for progress
+    lines)."""
     log = options.get("log") or (lambda message: None)
     machine = bench_cases.describe_machine()
     env = dict(os.environ)
@@ -123,12 +147,12 @@ def run(options: dict) -> dict[str, Any]:
         env["MLMJAX_BENCH_NO_CACHE"] = "1"
     peaks = {}
     dtype = options["compute_dtype"]
-    torch_args = [f"--threads={options.get('torch_threads', 0)}", f"--device={options.get('torch_device', 'auto')}"]
-    for framework in options["frameworks"]:
+    for framework in [f for f in options["frameworks"] if f in ("jax", "torch")]:  # diffusers-Flax is JAX
         repeats = options.get("peak_repeats", 10)
         args = (_jax_worker_args("peak") + [f"--peak_repeats={repeats}", f"--compute_dtype={dtype}"]
                 if framework == "jax" else
-                ["-m", "mlmjax.bench_torch", "--peak", f"--repeats={repeats}", f"--dtype={dtype}", *torch_args])
+                ["-m", "mlmjax.bench_torch", "--peak", f"--repeats={repeats}", f"--dtype={dtype}",
+                 *_torch_args(options)])
         peaks[framework], error = _worker(args, env)
         log(f"{framework} {dtype} matmul peak: " + (f"{peaks[framework]['flops_per_s'] / 1e9:.1f} GFLOP/s"
                                                     if peaks[framework] else f"failed ({error})"))
@@ -160,25 +184,24 @@ def run(options: dict) -> dict[str, Any]:
                     counted, flops_error = _worker(_jax_worker_args("flops", request_path),
                                                    dict(env, JAX_PLATFORMS="cpu"), options.get("timeout"))
                     prepared.update(counted or {"flops_error": flops_error})
-                jax_row = torch_row = None
+                jax_row = None
                 if "jax" in options["frameworks"]:
                     jax_row = bench_report.finish_row(prepared or {"framework": "jax", "error": error}, base, peak,
                                                       None)
                     rows.append(jax_row)
                     log(bench_report.progress(jax_row))
-                if "torch" in options["frameworks"]:
+                for framework in [f for f in options["frameworks"] if f in bench_report.REFERENCES]:
                     if not os.path.isfile(os.path.join(case_dir, bench_torch.CASE_JSON)):
-                        result, error = None, f"no case folder: the JAX side failed ({error})"
+                        result, ref_error = None, f"no case folder: the JAX side failed ({error})"
                     else:
-                        result, error = _worker(["-m", "mlmjax.bench_torch", f"--case={case_dir}",
-                                                 f"--warmup={options['warmup']}", f"--repeats={options['repeats']}",
-                                                 *torch_args], env, options.get("timeout"))
-                    torch_row = bench_report.finish_row(result or {"framework": "torch", "error": error}, base,
-                                                        peak, jax_row or prepared or {})
-                    rows.append(torch_row)
-                    log(bench_report.progress(torch_row))
-                if jax_row and torch_row:
-                    bench_report.compare(jax_row, torch_row)
+                        args, python = _reference_worker(framework, case_dir, options)
+                        result, ref_error = _worker(args, env, options.get("timeout"), python)
+                    reference_row = bench_report.finish_row(result or {"framework": framework, "error": ref_error},
+                                                            base, peak, jax_row or prepared or {})
+                    rows.append(reference_row)
+                    log(bench_report.progress(reference_row))
+                    if jax_row:
+                        bench_report.compare(jax_row, reference_row)
         sharded = []
         kinds = []
         if options.get("compile_only"):  # one device, the method's own batch, --compute_dtype
@@ -255,7 +278,13 @@ def define_flags() -> None:
     flags.DEFINE_enum("size", "tiny", SIZES, "tiny: the embedded model; sd15: SD 1.5 shapes, random weights")
     flags.DEFINE_integer("repeats", 5, "timed steps per configuration (the median is reported)")
     flags.DEFINE_integer("warmup", 2, "untimed steps first (at least 1: the first call)")
-    flags.DEFINE_string("framework", "jax,torch", "jax, torch, both, or none (only --sharded_memory)")
+    flags.DEFINE_string("framework", "jax,torch", "comma-separated: jax, torch (the PyTorch reference), "
+                        "diffusers_flax (diffusers' Flax models, in --diffusers_flax_python), or none (only "
+                        "--sharded_memory or --compile_only)")
+    flags.DEFINE_string("diffusers_flax_python", os.environ.get("MLMJAX_DIFFUSERS_FLAX_PYTHON"),
+                        "the interpreter of the diffusers-Flax reference: an environment with diffusers 0.39 and "
+                        "transformers 4.x, which launch/diffusers_flax_env.sh makes (default: "
+                        "$MLMJAX_DIFFUSERS_FLAX_PYTHON, else this interpreter)")
     flags.DEFINE_enum("compute_dtype", "float32", ("float32", "bfloat16"), "compute dtype of both frameworks")
     flags.DEFINE_bool("sharded_memory", False, "also compile the SD 1.5 step on 8 fake devices (fsdp=8, bf16, "
                       "batch 1 per device) for each method and MLM setting, and report its memory per device")
@@ -307,6 +336,9 @@ def main(argv: list[str]) -> None:
         runtime.fail("--framework=none measures nothing without --sharded_memory or --compile_only")
     if f.timeout is not None and f.timeout <= 0:
         runtime.fail(f"--timeout={f.timeout:g}: give a positive number of seconds")
+    if "diffusers_flax" in frameworks and f.diffusers_flax_python and not os.access(f.diffusers_flax_python, os.X_OK):
+        runtime.fail(f"--diffusers_flax_python={f.diffusers_flax_python}: not an executable; make the environment "
+                     "with launch/diffusers_flax_env.sh and give its bin/python")
     if f.repeats < 1 or f.warmup < 1:
         runtime.fail(f"--repeats={f.repeats} and --warmup={f.warmup} must be at least 1")
     options = {"methods": _split(f.methods, config_lib.METHODS, "methods"),
@@ -316,7 +348,7 @@ def main(argv: list[str]) -> None:
                "sharded_devices": f.sharded_devices, "compilation_cache": f.compilation_cache,
                "torch_threads": f.torch_threads, "compile_only": f.compile_only, "remat": f.remat,
                "peak_repeats": f.peak_repeats, "attention": f.attention, "torch_device": f.torch_device,
-               "timeout": f.timeout, "profile": f.profile,
+               "timeout": f.timeout, "profile": f.profile, "diffusers_flax_python": f.diffusers_flax_python,
                "log": lambda message: print(message, file=sys.stderr, flush=True)}
     if not os.path.isdir(f.configs):
         runtime.fail(f"--configs={f.configs}: not a folder; point it at the repository's configs/")

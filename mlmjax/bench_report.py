@@ -15,7 +15,9 @@ import sys
 from mlmjax import bench_torch
 from mlmjax import profiling
 
-FRAMEWORKS = ("jax", "torch")
+FRAMEWORKS = ("jax", "torch", "diffusers_flax")
+# The frameworks JAX is compared with, as the tables name them.
+REFERENCES = {"torch": "PyTorch", "diffusers_flax": "diffusers-Flax"}
 ROW_FIELDS = ("method", "mlm", "size", "framework", "compute_dtype", "batch", "prior_batch", "mlm_batch",
               "examples_per_step", "median_ms", "min_ms", "max_ms", "q1_ms", "q3_ms", "examples_per_s",
               "flops", "achieved_flops_per_s", "peak_fraction", "peak_memory_bytes", "peak_rss_bytes")
@@ -33,25 +35,27 @@ def _summary(times: list[float]) -> dict[str, float]:
 
 def finish_row(row: dict, base: dict, peak: float | None, jax_row: dict | None) -> dict:
     """A worker's row completed: the configuration ``base``, time statistics, examples/s, FLOP/s and the
-    fraction of the matmul ``peak``, every ``ROW_FIELDS`` key; a PyTorch row takes ``jax_row``'s FLOPs."""
+    fraction of the matmul ``peak``, every ``ROW_FIELDS`` key; a reference's row (PyTorch, diffusers-Flax)
+    takes ``jax_row``'s batch and FLOPs (the same step)."""
     row = {**base, **row}
-    if row["framework"] == "torch":
+    if row["framework"] in REFERENCES:
         for key in ("batch", "prior_batch", "mlm_batch"):
             row.setdefault(key, (jax_row or {}).get(key))
+        row["flops"] = (jax_row or {}).get("flops")
+        row["flops_source"] = "the JAX row's model FLOPs (the same step)"
     if "times_s" in row:
         row.update(_summary(row["times_s"]))
         if row.get("batch") is not None:
             row["examples_per_step"] = row["batch"] + row["prior_batch"]
             row["examples_per_s"] = row["examples_per_step"] / (row["median_ms"] / 1000)
     if row["framework"] == "torch":
-        row["flops"] = (jax_row or {}).get("flops")
-        row["flops_source"] = "the JAX row's model FLOPs (the same step)"
         row["peak_memory_bytes"] = row.get("peak_rss_bytes")
         row["peak_memory_source"] = "peak RSS of the subprocess"
-    elif row.get("flops") is not None:
+    else:
+        row["peak_memory_source"] = "compiled memory analysis (argument + output + temp - alias)"
+    if row["framework"] == "jax" and row.get("flops") is not None:
         row["flops_source"] = ("XLA cost analysis of the step lowered with whole attention and the plain "
                                f"vocabulary projection, on {row.get('flops_counted_on') or 'the device'}")
-        row["peak_memory_source"] = "compiled memory analysis (argument + output + temp - alias)"
     if row.get("device_peak_bytes"):  # an accelerator: what its allocator held at most, in both frameworks
         row["peak_memory_bytes"] = row["device_peak_bytes"]
         row["peak_memory_source"] = "the device allocator's peak"
@@ -63,22 +67,27 @@ def finish_row(row: dict, base: dict, peak: float | None, jax_row: dict | None) 
     return row
 
 
-def compare(jax_row: dict, torch_row: dict) -> None:
-    """JAX/PyTorch ratios, written into the JAX row; and at the tiny size, the loss agreement."""
-    if jax_row.get("median_ms") and torch_row.get("median_ms"):
-        jax_row["time_ratio_jax_over_torch"] = jax_row["median_ms"] / torch_row["median_ms"]
-        jax_row["speedup_over_torch"] = torch_row["median_ms"] / jax_row["median_ms"]
-    if jax_row.get("peak_memory_bytes") and torch_row.get("peak_memory_bytes"):
-        jax_row["memory_ratio_jax_over_torch"] = jax_row["peak_memory_bytes"] / torch_row["peak_memory_bytes"]
-    if jax_row.get("peak_rss_bytes") and torch_row.get("peak_rss_bytes"):
-        jax_row["rss_ratio_jax_over_torch"] = jax_row["peak_rss_bytes"] / torch_row["peak_rss_bytes"]
-    if jax_row.get("trainable_params") is not None and torch_row.get("trainable_params") is not None:
-        jax_row["trainable_params_match"] = jax_row["trainable_params"] == torch_row["trainable_params"]
-    if jax_row.get("first_loss") and torch_row.get("first_loss") and jax_row["size"] == "tiny":
+def compare(jax_row: dict, reference_row: dict) -> None:
+    """JAX's time and memory over a reference's (``time_ratio_jax_over_torch``, ``..._diffusers_flax``),
+    written into the JAX row; and at the tiny size, where both share the weights and draws, the first
+    losses' agreement (``loss_rel_error`` of the reference's row; the JAX row's is PyTorch's)."""
+    name = reference_row["framework"]
+    for field, ratio in (("median_ms", "time_ratio_jax_over"), ("peak_memory_bytes", "memory_ratio_jax_over"),
+                         ("peak_rss_bytes", "rss_ratio_jax_over")):
+        if jax_row.get(field) and reference_row.get(field):
+            jax_row[f"{ratio}_{name}"] = jax_row[field] / reference_row[field]
+    if jax_row.get("median_ms") and reference_row.get("median_ms"):
+        jax_row[f"speedup_over_{name}"] = reference_row["median_ms"] / jax_row["median_ms"]
+    if jax_row.get("trainable_params") is not None and reference_row.get("trainable_params") is not None:
+        jax_row[f"trainable_params_match_{name}"] = jax_row["trainable_params"] == reference_row["trainable_params"]
+    if jax_row.get("first_loss") and reference_row.get("first_loss") and jax_row["size"] == "tiny":
         # The largest relative difference over the loss and its parts (diffusion, prior, MLM).
-        error = max(abs(value - torch_row["first_loss"][name]) / max(abs(torch_row["first_loss"][name]), 1e-30)
-                    for name, value in jax_row["first_loss"].items())
-        jax_row["loss_rel_error"] = torch_row["loss_rel_error"] = error
+        reference = reference_row["first_loss"]
+        error = max(abs(value - reference[part]) / max(abs(reference[part]), 1e-30)
+                    for part, value in jax_row["first_loss"].items())
+        reference_row["loss_rel_error"] = error
+        if name == "torch":
+            jax_row["loss_rel_error"] = error
 
 
 def mlm_rows(rows: list[dict]) -> list[dict]:
@@ -115,6 +124,8 @@ def progress(row: dict) -> str:
     name = f"{row['size']} {row['method']} mlm={'on' if row['mlm'] else 'off'} {row['framework']}"
     if row.get("error"):
         return f"{name}: failed: {row['error']}"
+    if row.get("unsupported"):
+        return f"{name}: not run: {row['unsupported']}"
     return f"{name}: {row['median_ms']:.1f} ms/step" + (f", loss {row['first_loss']['loss']:.6g}"
                                                          if row.get("first_loss") else "")
 
@@ -150,18 +161,30 @@ def markdown(result: dict) -> str:
         dtype, size = measured.get("dtype", "float32"), measured.get("size", bench_torch.MATMUL_SIZE)
         lines.append(f"{dtype.capitalize()} {size}² matmul peak: {', '.join(peaks)}."
                      + (f" PyTorch intra-op threads: {', '.join(map(str, threads))}." if threads else ""))
+    flax_rows = [r for r in result["rows"] if r["framework"] == "diffusers_flax" and r.get("versions")]
+    if flax_rows:
+        v = flax_rows[0]["versions"]
+        attention = sorted({f"{r['size']} {r['attention']}" for r in flax_rows if r.get("attention")})
+        lines.append(f"diffusers-Flax reference: diffusers {v.get('diffusers')}, transformers {v.get('transformers')}, "
+                     f"jax {v.get('jax')}; attention: {', '.join(attention) or '–'}.")
     lines.append("")
+    references = ["torch"] + (["diffusers_flax"] if flax_rows else [])
     if result["rows"]:
         lines += ["| size | method | MLM | framework | batch (+prior, MLM) | step ms median [IQR] | examples/s | "
-                  "compile s | GFLOP/step | GFLOP/s (% peak) | peak memory GB | RSS GB | JAX/PyTorch time | first loss |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "compile s | GFLOP/step | GFLOP/s (% peak) | peak memory GB | RSS GB | "
+                  + "".join(f"JAX/{REFERENCES[name]} time | " for name in references) + "first loss |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(references) + "---|"]
+        empty = "|" * (8 + len(references))
         for r in result["rows"]:
             head = f"| {r['size']} | {r['method']} | {'on' if r['mlm'] else 'off'} | {r['framework']} |"
             if r.get("error"):
                 compiled = (f" (compiled: {fmt(r.get('compile_s'), '.0f')} s, {fmt(r.get('flops'), '.3g', 1e9)} "
                             f"GFLOP/step, peak {fmt(r.get('peak_memory_bytes'), '.2f', 1e9)} GB)"
                             if r.get("peak_memory_bytes") else "")
-                lines.append(f"{head} failed: {r['error']}{compiled} |||||||||")
+                lines.append(f"{head} failed: {r['error']}{compiled} {empty}")
+                continue
+            if r.get("unsupported"):
+                lines.append(f"{head} not run: {r['unsupported']} {empty}")
                 continue
             batch = f"{r['batch']}" + (f" (+{r['prior_batch']}" if r['prior_batch'] else " (+0") + \
                 f", {r['mlm_batch']})"
@@ -174,7 +197,8 @@ def markdown(result: dict) -> str:
                 f"{fmt(r['examples_per_s'])} | {fmt(r.get('compile_s'), '.1f')} | {fmt(r['flops'], '.3g', 1e9)} | "
                 f"{fmt(r['achieved_flops_per_s'], '.1f', 1e9)} ({fmt(fraction, '.0%')}) | "
                 f"{fmt(r['peak_memory_bytes'], '.2f', 1e9)} | {fmt(r['peak_rss_bytes'], '.2f', 1e9)} | "
-                f"{fmt(r.get('time_ratio_jax_over_torch'), '.2f')} | {loss_text} |")
+                + "".join(f"{fmt(r.get(f'time_ratio_jax_over_{name}'), '.2f')} | " for name in references)
+                + f"{loss_text} |")
     if result["mlm"]:
         lines += ["", "| size | method | framework | MLM batch | extra step time | extra FLOPs (masked only) | "
                   "extra FLOPs (every position) | MLM share of time / of FLOPs |", "|---|---|---|---|---|---|---|---|"]
