@@ -14,13 +14,17 @@ environment (transformers 5) cannot hold: the benchmark runs this module in anot
 ``--diffusers_flax_python``, for example the one ``launch/diffusers_flax_env.sh`` makes (a virtual
 environment over this one's packages with those versions on top).
 
-Where diffusers-Flax cannot express the step, the row says so instead of timing something else:
+Where diffusers-Flax cannot express the step, its row says so instead of timing something else: XTI/P+
+gives each cross-attention layer its own text encoding, and diffusers' Flax UNet passes one encoding to
+every layer, with no attention processors to change that (likewise remat: it has no gradient
+checkpointing). Two differences from PyTorch's models remain, one of them adapted:
 
-* XTI/P+ gives each cross-attention layer its own text encoding; diffusers' Flax UNet passes one
-  encoding to every layer and has no attention processors to change that.
 * diffusers' Flax UNet hard-codes 32 groups in its GroupNorms; the tiny UNet has 8. Where the config's
   group count differs, this module gives diffusers' Flax modules GroupNorms with the config's count (a
   substitution in their module namespace; nothing else changes), so that the step is the same function.
+* Its GEGLU takes flax's GELU, the tanh approximation, where PyTorch's and mlmjax's are exact: the first
+  losses differ by up to 4e-4 relative at the tiny size. ``--exact_gelu`` swaps in the exact one (the
+  same substitution) as a parity check: then they agree to float32 rounding.
 
 Memory: at SD 1.5 shapes diffusers-Flax's attention needs 38.5 GB of XLA temporaries; its
 ``use_memory_efficient_attention`` (query chunks) is on there, and off at the tiny size. The step is
