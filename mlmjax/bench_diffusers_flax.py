@@ -427,16 +427,8 @@ def run_case(case_dir: str, *, warmup: int, repeats: int, attention: str = "auto
                attention="memory_efficient" if memory_efficient else "plain", exact_gelu=exact_gelu,
                trainable_params=step.trainable_params, device_kind=jax.devices()[0].device_kind)
     rss_before = bench_torch.peak_rss_bytes()
-    first = step.step()
-    times = []
-    for i in range(warmup - 1 + repeats):
-        begin = time.perf_counter()
-        losses = step.step()
-        elapsed = time.perf_counter() - begin
-        if i >= warmup - 1:
-            times.append(elapsed)
-        if not math.isfinite(losses["loss"]):
-            raise FloatingPointError(f"non-finite loss {losses['loss']} at step {i + 1}")
+    # The JAX step's first draws, then its own; FlaxStep.step waits for its losses.
+    first, times = bench_torch.time_steps(step.step, warmup=warmup, repeats=repeats)
     print(f"[bench diffusers-flax] {len(times)} timed steps, median {statistics.median(times) * 1000:.1f} ms",
           file=sys.stderr, flush=True)
     return {**row, "times_s": times, "first_loss": first, "rss_before_step_bytes": rss_before,

@@ -377,6 +377,24 @@ def load_case(case_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
     return case, arrays
 
 
+def time_steps(step, *, warmup: int, repeats: int, synchronize=lambda: None) -> tuple[dict[str, float], list[float]]:
+    """A reference's timing loop: ``step()`` (one optimisation step, returning its losses) once untimed
+    (its losses are returned: the JAX step's first draws), ``warmup - 1`` more untimed, then ``repeats``
+    timed, each until ``synchronize()`` returns; a non-finite loss stops the run."""
+    first = step()
+    times = []
+    for i in range(warmup - 1 + repeats):
+        start = time.perf_counter()
+        losses = step()
+        synchronize()
+        elapsed = time.perf_counter() - start
+        if i >= warmup - 1:
+            times.append(elapsed)
+        if not math.isfinite(losses["loss"]):
+            raise FloatingPointError(f"non-finite loss {losses['loss']} at step {i + 1}")
+    return first, times
+
+
 def run_case(case_dir: str, *, warmup: int, repeats: int, device: str = "cpu") -> dict[str, Any]:
     """Builds the reference step of a case folder and times it on ``device``: one row of the benchmark."""
     import torch
@@ -386,17 +404,7 @@ def run_case(case_dir: str, *, warmup: int, repeats: int, device: str = "cpu") -
     step = TorchStep(case, arrays, device)
     build_seconds = time.perf_counter() - start
     rss_before = peak_rss_bytes()
-    first = step.step()  # the JAX step's draws: comparable loss
-    times = []
-    for i in range(warmup - 1 + repeats):
-        start = time.perf_counter()
-        metrics = step.step()
-        _synchronize(device)
-        elapsed = time.perf_counter() - start
-        if i >= warmup - 1:
-            times.append(elapsed)
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {i + 1}")
+    first, times = time_steps(step.step, warmup=warmup, repeats=repeats, synchronize=lambda: _synchronize(device))
     on_gpu = device == "cuda"
     return {"framework": "torch", "times_s": times, "first_loss": first, "build_s": build_seconds,
             "trainable_params": step.num_trainable(), "peak_rss_bytes": peak_rss_bytes(),
