@@ -51,6 +51,11 @@ the cross-entropy in vocabulary chunks (``mlm.vocabulary_cross_entropy``), a loo
 cost analysis counts once. With the projection frozen, as here, that loop makes the same 4·N·D·V
 FLOPs in one pass (the features' gradient is folded into the forward pass).
 
+``--mlm_branch`` also times, for each MLM row of JAX and diffusers-Flax, the MLM branch alone: the MLM
+loss and its gradient with respect to the trained parameters it reaches (all but the UNet's), compiled
+on its own. The ``mlm`` table then sets MLM's extra step time beside it: a step whose other work leaves
+cores idle hides part of the branch there, and one that keeps them busy pays it in full.
+
 ``--profile DIR`` runs three more JAX steps under JAX's profiler after the timed ones and reports where
 their time goes (``mlmjax.profiling``): by kind of operation (matmul, convolution, cuDNN attention,
 reduction, elementwise, data movement), by scope (each Flax model's forward and backward pass, and
@@ -69,6 +74,7 @@ A JAX step that compiles and then dies (out of memory) keeps its compiled number
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -87,6 +93,10 @@ SIZES = ("tiny", "sd15")
 REQUEST_JSON = "request.json"
 ROW_JSON = "row.json"
 PARTIAL_SUFFIX = ".compiled"
+# What each framework's subprocess imports beyond jax and numpy. The JAX side always runs (it builds the
+# case folder the references read); the diffusers-Flax reference runs in its own interpreter.
+WORKER_PACKAGES = {"jax": ("flax", "optax", "ml_collections", "grain", "transformers", "safetensors"),
+                   "torch": ("torch", "diffusers", "transformers", "safetensors")}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,12 +133,22 @@ def _jax_worker_args(kind: str, request_path: str | None = None) -> list[str]:
     return args + ([f"--request={request_path}"] if request_path else [])
 
 
+def _missing_packages(frameworks: list[str]) -> list[str]:
+    """The packages the benchmark's subprocesses would import that this interpreter cannot find: checked
+    before anything runs, so a machine without them (a bare GPU box) fails in a second, not after the
+    matmul peaks and a model build."""
+    needed = {"jax"} | set(frameworks)
+    names = sorted({name for framework in needed for name in WORKER_PACKAGES.get(framework, ())})
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
 def _reference_worker(framework: str, case_dir: str, options: dict) -> tuple[list[str], str | None]:
     """``(arguments, interpreter)`` of a reference framework's subprocess for one case folder."""
     timing = [f"--case={case_dir}", f"--warmup={options['warmup']}", f"--repeats={options['repeats']}"]
     if framework == "torch":
         return ["-m", "mlmjax.bench_torch", *timing, *_torch_args(options)], None
-    return ["-m", "mlmjax.bench_diffusers_flax", *timing], options.get("diffusers_flax_python")
+    branch = ["--mlm_branch"] if options.get("mlm_branch") else []
+    return ["-m", "mlmjax.bench_diffusers_flax", *timing, *branch], options.get("diffusers_flax_python")
 
 
 def _torch_args(options: dict) -> list[str]:
@@ -138,6 +158,7 @@ def _torch_args(options: dict) -> list[str]:
 def run(options: dict) -> dict[str, Any]:
     """The whole benchmark; ``options``: methods, mlm (list of bools), size, repeats, warmup, frameworks,
     compute_dtype, configs, sharded_memory, compilation_cache, profile (a folder: profile the JAX steps),
+    mlm_branch (also time the MLM branch alone),
     diffusers_flax_python (the interpreter of the diffusers-Flax reference), log (a callable for progress
     lines)."""
     log = options.get("log") or (lambda message: None)
@@ -171,6 +192,7 @@ def run(options: dict) -> dict[str, Any]:
                            "warmup": options["warmup"], "compute_dtype": options["compute_dtype"],
                            "configs": options["configs"], "prepare_only": "jax" not in options["frameworks"],
                            "remat": options.get("remat", False), "attention": options.get("attention", "auto"),
+                           "mlm_branch": options.get("mlm_branch", False),
                            "profile": options.get("profile") and os.path.abspath(options["profile"])}
                 request_path = os.path.join(case_dir, REQUEST_JSON)
                 with open(request_path, "w") as f:
@@ -293,6 +315,8 @@ def define_flags() -> None:
                       "memory to run it")
     flags.DEFINE_integer("peak_repeats", 10, "timed matmuls of the peak measurement (the median is the peak)")
     flags.DEFINE_bool("remat", False, "JAX: config.remat (recompute UNet blocks in the backward pass)")
+    flags.DEFINE_bool("mlm_branch", False, "with MLM on, also time the MLM branch alone (its loss and gradient, "
+                      "compiled on its own) in JAX and diffusers-Flax: is it hidden beside the rest of the step?")
     flags.DEFINE_enum("attention", "auto", attention.IMPLEMENTATIONS, "JAX: the attention the step is compiled "
                       "with; auto: cuDNN's fused kernel for half-precision attention on a GPU, else chunked above "
                       "2^18 scores (mlmjax.models.attention)")
@@ -349,9 +373,14 @@ def main(argv: list[str]) -> None:
                "torch_threads": f.torch_threads, "compile_only": f.compile_only, "remat": f.remat,
                "peak_repeats": f.peak_repeats, "attention": f.attention, "torch_device": f.torch_device,
                "timeout": f.timeout, "profile": f.profile, "diffusers_flax_python": f.diffusers_flax_python,
+               "mlm_branch": f.mlm_branch,
                "log": lambda message: print(message, file=sys.stderr, flush=True)}
     if not os.path.isdir(f.configs):
         runtime.fail(f"--configs={f.configs}: not a folder; point it at the repository's configs/")
+    missing = _missing_packages(frameworks)
+    if missing:
+        runtime.fail(f"{sys.executable} cannot import {', '.join(missing)}, which the benchmark's subprocesses "
+                     "need: pip install -e '.[bench]' (on a machine without a package index, install their wheels)")
     result = run(options)
     if f.json:
         with open(f.json, "w") as out:

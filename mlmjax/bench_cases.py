@@ -398,6 +398,9 @@ def run_jax_case(request: dict, case_dir: str, partial: str | None = None) -> di
     row.update(times_s=times, first_loss=first, rss_before_step_bytes=rss_before,
                peak_rss_bytes=bench_torch.peak_rss_bytes(), max_masked=built.max_masked,
                device_peak_bytes=_device_peak_bytes())
+    if request.get("mlm_branch") and request["mlm"]:
+        row["mlm_branch_times_s"] = _time_mlm_branch(state, device_batch, warmup, repeats)
+        _log(f"MLM branch alone: median {statistics.median(row['mlm_branch_times_s']) * 1000:.1f} ms")
     if request.get("profile"):
         state = _profile(row, os.path.join(request["profile"], os.path.basename(case_dir)), compiled, state,
                          device_batch, rng)
@@ -409,6 +412,32 @@ def run_jax_case(request: dict, case_dir: str, partial: str | None = None) -> di
     row.update(_flop_fields(state, device_batch, rng, request["mlm"]), flops_counted_on="cpu")
     _log(f"model FLOPs {bench_report.fmt(row['flops'], '.4g', 1e9)} G per step")
     return row
+
+
+def _time_mlm_branch(state, batch, warmup: int, repeats: int) -> list[float]:
+    """Seconds of the MLM branch alone: the MLM loss and its gradient with respect to the trained
+    parameters it reaches (all but the UNet's), compiled on its own. Beside the step's MLM-off twin it
+    tells whether a step hides the branch in its idle cores or pays it in full."""
+    import jax
+
+    from mlmjax import train_step as train_step_lib
+    from mlmjax import trainable
+
+    text_side = {k: v for k, v in state.params.items() if k != "unet"}
+    unet = {k: v for k, v in state.params.items() if k == "unet"}
+
+    def branch(text_side, unet, frozen, batch):
+        params = trainable.merge({**text_side, **unet}, frozen)
+        return train_step_lib.mlm_loss(state.spec, params, batch)[0]
+
+    compiled = jax.jit(jax.value_and_grad(branch)).lower(text_side, unet, state.frozen, batch).compile()
+
+    def one_call() -> dict[str, float]:
+        loss, grads = compiled(text_side, unet, state.frozen, batch)
+        jax.block_until_ready(grads)
+        return {"loss": float(loss)}
+
+    return bench_torch.time_steps(one_call, warmup=warmup, repeats=repeats)[1]
 
 
 def _profile(row: dict, folder: str, compiled, state, batch, rng):

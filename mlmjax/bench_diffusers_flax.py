@@ -276,7 +276,6 @@ def _loss(models: _Models, trained: dict, frozen: dict, batch: dict, draws: dict
     """L_diff + w_prior · L_prior + λ · CE at the masked tokens, as ``mlmjax.train_step`` and the PyTorch
     reference compute it; ``(loss, parts)``."""
     import jax.numpy as jnp
-    import optax
     from flax import traverse_util
 
     case = models.case
@@ -303,16 +302,23 @@ def _loss(models: _Models, trained: dict, frozen: dict, batch: dict, draws: dict
         parts["loss_prior"] = per_example[instance:].mean()
         loss = loss + case["prior_weight"] * parts["loss_prior"]
     if models.contextualizer_config is not None:
-        weights = {k: v.astype(models.dtype) for k, v in tree["contextualizer"].items()}
-        features = contextualizer_features(weights, models.contextualizer_config,
-                                           _encode(models, tree, batch["mlm_input_ids"]))
-        rows, columns = batch["mlm_rows"], batch["mlm_columns"]
-        logits = _linear(weights, "final", features[rows, columns]).astype(jnp.float32)  # masked tokens only
-        parts["loss_mlm"] = optax.softmax_cross_entropy_with_integer_labels(
-            logits, batch["mlm_labels"][rows, columns]).mean()
+        parts["loss_mlm"] = _mlm_loss(models, tree, batch)
         loss = loss + case["mlm_weight"] * parts["loss_mlm"]
     parts["loss"] = loss
     return loss, parts
+
+
+def _mlm_loss(models: _Models, tree: dict, batch: dict):
+    """The contextualizer's cross-entropy at the masked tokens of the context prompts."""
+    import jax.numpy as jnp
+    import optax
+
+    weights = {k: v.astype(models.dtype) for k, v in tree["contextualizer"].items()}
+    features = contextualizer_features(weights, models.contextualizer_config,
+                                       _encode(models, tree, batch["mlm_input_ids"]))
+    rows, columns = batch["mlm_rows"], batch["mlm_columns"]
+    logits = _linear(weights, "final", features[rows, columns]).astype(jnp.float32)  # masked tokens only
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["mlm_labels"][rows, columns]).mean()
 
 
 def _optimizer(case: dict):
@@ -375,7 +381,7 @@ class FlaxStep:
         if ctx_config is not None:  # the masked positions: a fixed batch, so their count is known (no padding)
             batch["mlm_rows"], batch["mlm_columns"] = np.nonzero(batch["mlm_mask"])
         self.batch = {k: jnp.asarray(v) for k, v in batch.items()}
-        models = _Models(unet, text_encoder, ctx_config, case, dtype)
+        self.models = models = _Models(unet, text_encoder, ctx_config, case, dtype)
         optimizer = _optimizer(case)
         self.trained, self.frozen, self.opt_state = trained, frozen, optimizer.init(trained)
         self.first_draws = {k.removeprefix("draws/"): jnp.asarray(v) for k, v in arrays.items()
@@ -388,6 +394,27 @@ class FlaxStep:
         self.key = jax.random.key(case["seed"])
         self.draw = jax.jit(draw).lower(self.key).compile()  # compiled here, not in a timed step
         self.calls = 0
+
+    def time_mlm_branch(self, warmup: int, repeats: int) -> list[float]:
+        """Seconds of the MLM branch alone (its loss and gradient with respect to the trained parameters
+        it reaches, all but the UNet's), compiled on its own, as ``bench_cases`` times mlmjax's."""
+        import jax
+        from flax import traverse_util
+
+        text_side = {k: v for k, v in self.trained.items() if k[0] != "unet"}
+        rest = {**{k: v for k, v in self.trained.items() if k[0] == "unet"}, **self.frozen}
+
+        def branch(text_side, rest, batch):
+            return _mlm_loss(self.models, traverse_util.unflatten_dict({**text_side, **rest}), batch)
+
+        compiled = jax.jit(jax.value_and_grad(branch)).lower(text_side, rest, self.batch).compile()
+
+        def one_call() -> dict[str, float]:
+            loss, grads = compiled(text_side, rest, self.batch)
+            jax.block_until_ready(grads)
+            return {"loss": float(loss)}
+
+        return bench_torch.time_steps(one_call, warmup=warmup, repeats=repeats)[1]
 
     def step(self) -> dict[str, float]:
         import jax
@@ -403,9 +430,10 @@ class FlaxStep:
 
 
 def run_case(case_dir: str, *, warmup: int, repeats: int, attention: str = "auto",
-             exact_gelu: bool = False) -> dict[str, Any]:
+             exact_gelu: bool = False, mlm_branch: bool = False) -> dict[str, Any]:
     """Builds the reference step of a case folder, compiles and times it: one row of the benchmark.
-    ``exact_gelu`` checks the rest of the step: see ``--exact_gelu``."""
+    ``exact_gelu`` checks the rest of the step: see ``--exact_gelu``; ``mlm_branch`` also times the MLM
+    branch alone (``mlm_branch_times_s``)."""
     import diffusers
     import jax
     import transformers
@@ -431,8 +459,11 @@ def run_case(case_dir: str, *, warmup: int, repeats: int, attention: str = "auto
     first, times = bench_torch.time_steps(step.step, warmup=warmup, repeats=repeats)
     print(f"[bench diffusers-flax] {len(times)} timed steps, median {statistics.median(times) * 1000:.1f} ms",
           file=sys.stderr, flush=True)
-    return {**row, "times_s": times, "first_loss": first, "rss_before_step_bytes": rss_before,
-            "peak_rss_bytes": bench_torch.peak_rss_bytes()}
+    row.update(times_s=times, first_loss=first, rss_before_step_bytes=rss_before,
+               peak_rss_bytes=bench_torch.peak_rss_bytes())
+    if mlm_branch and case["mlm_weight"]:
+        row["mlm_branch_times_s"] = step.time_mlm_branch(warmup, repeats)
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -446,6 +477,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a parity check, not a benchmark: diffusers' GEGLU with the exact GELU that PyTorch "
                         "and mlmjax use instead of its tanh approximation, so the first loss must match the "
                         "JAX step's to float32 rounding")
+    parser.add_argument("--mlm_branch", action="store_true",
+                        help="also time the MLM branch alone (its loss and gradient), compiled on its own")
     parser.add_argument("--out", required=True, help="where the row's JSON is written")
     args = parser.parse_args(argv)
     # Their Flax classes warn of their deprecation on every construction, and of float16 checkpoints
@@ -456,7 +489,7 @@ def main(argv: list[str] | None = None) -> None:
 
     transformers.utils.logging.set_verbosity_error()  # imported (by mlmjax) before the variable could count
     row = run_case(args.case, warmup=max(1, args.warmup), repeats=args.repeats, attention=args.attention,
-                   exact_gelu=args.exact_gelu)
+                   exact_gelu=args.exact_gelu, mlm_branch=args.mlm_branch)
     with open(args.out, "w") as f:
         json.dump(row, f)
 

@@ -99,7 +99,10 @@ def mlm_rows(rows: list[dict]) -> list[dict]:
         if not mlm or off is None:
             continue
         entry = {"method": method, "size": size, "framework": framework, "mlm_batch": on.get("mlm_batch"),
-                 "extra_time": on["median_ms"] / off["median_ms"] - 1}
+                 "extra_time": on["median_ms"] / off["median_ms"] - 1,
+                 "extra_ms": on["median_ms"] - off["median_ms"]}
+        if on.get("mlm_branch_times_s"):  # the branch timed alone: how much of it the step hides
+            entry["branch_alone_ms"] = 1000 * statistics.median(on["mlm_branch_times_s"])
         jax_on = index.get((method, True, "jax", size), on)
         jax_off = index.get((method, False, "jax", size), off)
         if jax_on.get("flops") and jax_off.get("flops"):
@@ -200,13 +203,17 @@ def markdown(result: dict) -> str:
                 + "".join(f"{fmt(r.get(f'time_ratio_jax_over_{name}'), '.2f')} | " for name in references)
                 + f"{loss_text} |")
     if result["mlm"]:
+        alone = any(e.get("branch_alone_ms") for e in result["mlm"])
         lines += ["", "| size | method | framework | MLM batch | extra step time | extra FLOPs (masked only) | "
-                  "extra FLOPs (every position) | MLM share of time / of FLOPs |", "|---|---|---|---|---|---|---|---|"]
+                  "extra FLOPs (every position) | MLM share of time / of FLOPs |"
+                  + (" extra ms / branch alone ms |" if alone else ""), "|---|---|---|---|---|---|---|---|"
+                  + ("---|" if alone else "")]
         for e in result["mlm"]:
             lines.append(f"| {e['size']} | {e['method']} | {e['framework']} | {e['mlm_batch']} | "
                          f"{e['extra_time']:+.1%} | {fmt(e.get('extra_flops'), '+.1%')} | "
                          f"{fmt(e.get('extra_flops_all_positions'), '+.1%')} | "
-                         f"{fmt(e.get('time_share'), '.1%')} / {fmt(e.get('flops_share'), '.1%')} |")
+                         f"{fmt(e.get('time_share'), '.1%')} / {fmt(e.get('flops_share'), '.1%')} |"
+                         + (f" {e['extra_ms']:.1f} / {fmt(e.get('branch_alone_ms'), '.1f')} |" if alone else ""))
     if result["sharded_memory"]:
         lines += ["", "| compiled only (SD 1.5 shapes, no weights) | MLM | compute | mesh | batch (+prior) per step | "
                   "peak GiB per device | args / temp GiB | GFLOP/step | compile s |", "|---|---|---|---|---|---|---|---|---|"]

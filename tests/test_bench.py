@@ -147,6 +147,19 @@ def test_bad_flags_are_user_errors():
     assert proc.returncode == 2 and proc.stderr.startswith("error: --timeout=0: give a positive"), proc.stderr
 
 
+@pytest.mark.parametrize("framework, missing", [("jax,torch", "diffusers, grain"), ("jax", "grain")])
+def test_missing_packages_fail_before_anything_runs(framework, missing):
+    # A bare GPU machine lacked grain: the benchmark must say so at once, not after the matmul peaks.
+    hide = ("import runpy, sys; sys.modules['grain'] = sys.modules['diffusers'] = None; "
+            f"sys.argv = ['bench', '--methods=ti', '--mlm=off', '--framework={framework}']; "
+            "runpy.run_module('mlmjax.bench', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: {sys.executable} cannot import {missing}, which"), proc.stderr
+    assert "pip install -e '.[bench]'" in proc.stderr and "matmul peak" not in proc.stderr
+
+
 def _result(mlm: bool, median_ms: float, flops: float) -> dict:
     machine = {"cpu": "test cpu", "cores": 2, "load_average": [1.0] * 3, "versions": {"jax": "0"}, "xla_flags": "",
                "date": "today", "accelerator": "Test GPU"}
@@ -176,6 +189,18 @@ def test_report_merges_runs_and_recomputes_mlm_cost(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mlmjax.bench_report", str(bad)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 1 and proc.stderr.startswith(f"{bad}: not a benchmark result"), proc.stderr
+
+
+def test_the_mlm_table_sets_the_extra_time_beside_the_branch_alone():
+    results = [_result(False, 200.0, 4e12), _result(True, 230.0, 5e12)]
+    results[1]["rows"][0]["mlm_branch_times_s"] = [0.050, 0.040, 0.045]
+    merged = bench_report.merge(results)
+    (cost,) = merged["mlm"]
+    assert cost["extra_ms"] == pytest.approx(30.0) and cost["branch_alone_ms"] == pytest.approx(45.0)
+    text = bench_report.markdown(merged)
+    assert "| extra ms / branch alone ms |" in text and "| 30.0 / 45.0 |" in text
+    del results[1]["rows"][0]["mlm_branch_times_s"]  # not asked for: no such column
+    assert "branch alone" not in bench_report.markdown(bench_report.merge(results))
 
 
 def test_a_worker_cut_off_by_the_timeout_keeps_what_it_had_measured():

@@ -125,7 +125,7 @@ def test_the_benchmark_times_diffusers_flax_beside_mlmjax(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "mlmjax.bench", "--methods=ti,xti", "--mlm=on", "--repeats=2", "--warmup=1",
          "--framework=jax,diffusers_flax", f"--diffusers_flax_python={_interpreter()}", "--peak_repeats=3",
-         "--compilation_cache", f"--json={out}", "--markdown"], capture_output=True, text=True,
+         "--compilation_cache", "--mlm_branch", f"--json={out}", "--markdown"], capture_output=True, text=True,
         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = {(r["method"], r["framework"]): r for r in json.loads(out.read_text())["rows"]}
@@ -137,6 +137,9 @@ def test_the_benchmark_times_diffusers_flax_beside_mlmjax(tmp_path):
     assert set(flax_row["first_loss"]) == {"loss", "loss_diff", "loss_mlm"}
     assert flax_row["loss_rel_error"] < 1e-4, (jax_row["first_loss"], flax_row["first_loss"])
     assert "own text encoding" in rows["xti", "diffusers_flax"]["unsupported"]
+    # --mlm_branch: the MLM branch alone, compiled on its own, in both frameworks.
+    for row in (jax_row, flax_row, rows["xti", "jax"]):
+        assert len(row["mlm_branch_times_s"]) == 2 and 0 < min(row["mlm_branch_times_s"]) < max(row["times_s"])
     assert "| tiny | ti | on | diffusers_flax |" in proc.stdout and "JAX/diffusers-Flax time" in proc.stdout
 
 
