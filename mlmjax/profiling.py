@@ -304,7 +304,10 @@ def _charges(where: str, events: list[tuple[str, float, float]], ops: dict[str, 
     and the event ends at that hand-off (an SD 1.5 convolution's event lasts 1-5 ms of its ~850). A
     call's last operation is charged its own duration, not the Python between two calls: a call starts
     where the first operation traced starts again (an instruction of the entry computation, run once a
-    call)."""
+    call). The runtime also runs independent operations side by side, which this cannot split: a small
+    operation started while a convolution runs in the pool is charged until the next start (DreamBooth's
+    SD 1.5 gradient-norm sums, a few numbers each, were charged 5.3 s a step), so read host profiles by
+    model and pass rather than by single operation."""
     if where == "device":
         return [(name, ms) for name, _, ms in events if ops[name].category != "container"]
     events = sorted(events, key=lambda event: event[1])
