@@ -418,8 +418,6 @@ def _time_mlm_branch(state, batch, warmup: int, repeats: int) -> list[float]:
     """Seconds of the MLM branch alone: the MLM loss and its gradient with respect to the trained
     parameters it reaches (all but the UNet's), compiled on its own. Beside the step's MLM-off twin it
     tells whether a step hides the branch in its idle cores or pays it in full."""
-    import jax
-
     from mlmjax import train_step as train_step_lib
     from mlmjax import trainable
 
@@ -430,14 +428,8 @@ def _time_mlm_branch(state, batch, warmup: int, repeats: int) -> list[float]:
         params = trainable.merge({**text_side, **unet}, frozen)
         return train_step_lib.mlm_loss(state.spec, params, batch)[0]
 
-    compiled = jax.jit(jax.value_and_grad(branch)).lower(text_side, unet, state.frozen, batch).compile()
-
-    def one_call() -> dict[str, float]:
-        loss, grads = compiled(text_side, unet, state.frozen, batch)
-        jax.block_until_ready(grads)
-        return {"loss": float(loss)}
-
-    return bench_torch.time_steps(one_call, warmup=warmup, repeats=repeats)[1]
+    return bench_torch.time_gradient(branch, (text_side, unet, state.frozen, batch), warmup=warmup,
+                                     repeats=repeats)
 
 
 def _profile(row: dict, folder: str, compiled, state, batch, rng):

@@ -398,7 +398,6 @@ class FlaxStep:
     def time_mlm_branch(self, warmup: int, repeats: int) -> list[float]:
         """Seconds of the MLM branch alone (its loss and gradient with respect to the trained parameters
         it reaches, all but the UNet's), compiled on its own, as ``bench_cases`` times mlmjax's."""
-        import jax
         from flax import traverse_util
 
         text_side = {k: v for k, v in self.trained.items() if k[0] != "unet"}
@@ -407,14 +406,7 @@ class FlaxStep:
         def branch(text_side, rest, batch):
             return _mlm_loss(self.models, traverse_util.unflatten_dict({**text_side, **rest}), batch)
 
-        compiled = jax.jit(jax.value_and_grad(branch)).lower(text_side, rest, self.batch).compile()
-
-        def one_call() -> dict[str, float]:
-            loss, grads = compiled(text_side, rest, self.batch)
-            jax.block_until_ready(grads)
-            return {"loss": float(loss)}
-
-        return bench_torch.time_steps(one_call, warmup=warmup, repeats=repeats)[1]
+        return bench_torch.time_gradient(branch, (text_side, rest, self.batch), warmup=warmup, repeats=repeats)
 
     def step(self) -> dict[str, float]:
         import jax

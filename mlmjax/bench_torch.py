@@ -395,6 +395,21 @@ def time_steps(step, *, warmup: int, repeats: int, synchronize=lambda: None) -> 
     return first, times
 
 
+def time_gradient(loss, args: tuple, *, warmup: int, repeats: int) -> list[float]:
+    """Seconds of ``loss(*args)`` and its gradient in ``args[0]``, jitted and compiled on its own, timed as
+    :func:`time_steps` times a step: how both JAX sides time the MLM branch alone (``bench --mlm_branch``)."""
+    import jax
+
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(*args).compile()
+
+    def one_call() -> dict[str, float]:
+        value, grads = compiled(*args)
+        jax.block_until_ready(grads)
+        return {"loss": float(value)}
+
+    return time_steps(one_call, warmup=warmup, repeats=repeats)[1]
+
+
 def run_case(case_dir: str, *, warmup: int, repeats: int, device: str = "cpu") -> dict[str, Any]:
     """Builds the reference step of a case folder and times it on ``device``: one row of the benchmark."""
     import torch
