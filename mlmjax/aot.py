@@ -5,7 +5,8 @@
 can be sized without allocating its weights) and returns the executable with its compile time, its
 FLOPs and its per-device memory: numbers a run logs once at start-up and a benchmark reports.
 
-On a CPU it also picks which kernels run a large step (:func:`cpu_compiler_options`).
+On a CPU it also picks which kernels run a large step (:func:`cpu_compiler_options`), and has a small
+step's temporaries reused from the heap (:func:`mlmjax.runtime.reuse_host_memory`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import time
 from typing import Any, Callable
 
 import jax
+
+from mlmjax import runtime
 
 # CompiledMemoryStats fields, per device, under the names Compiled.memory uses.
 _MEMORY_FIELDS = {"argument": "argument_size_in_bytes", "output": "output_size_in_bytes",
@@ -110,7 +113,9 @@ def cpu_compiler_options(lower: Callable[[], jax.stages.Lowered]) -> dict[str, s
 
 def compile_step(jitted: Any, *args, **kwargs) -> Compiled:
     """Lowers and compiles ``jitted`` (a ``jax.jit`` function) for ``args`` without running it, with
-    :func:`cpu_compiler_options`.
+    :func:`cpu_compiler_options`. On a CPU, a step whose temporaries fit in
+    :data:`mlmjax.runtime.HEAP_BUFFERS_UP_TO` bytes turns on :func:`mlmjax.runtime.reuse_host_memory`:
+    XLA allocates them at every call, and unless the heap keeps them they are page-faulted in afresh.
 
     ``args`` may be arrays or ``jax.ShapeDtypeStruct``s (give them a ``sharding`` to compile for a
     mesh); donated arguments are not consumed.
@@ -120,5 +125,8 @@ def compile_step(jitted: Any, *args, **kwargs) -> Compiled:
     options = cpu_compiler_options(lambda: lowered)
     executable = lowered.compile(options or None)
     seconds = time.perf_counter() - start
-    return Compiled(executable=executable, compile_seconds=seconds, flops=flops(executable),
-                    memory=_memory(executable), compiler_options=options)
+    memory = _memory(executable)
+    if jax.default_backend() == "cpu" and memory is not None and memory["temp"] <= runtime.HEAP_BUFFERS_UP_TO:
+        runtime.reuse_host_memory()
+    return Compiled(executable=executable, compile_seconds=seconds, flops=flops(executable), memory=memory,
+                    compiler_options=options)

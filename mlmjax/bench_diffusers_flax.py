@@ -28,8 +28,9 @@ checkpointing). Two differences from PyTorch's models remain, one of them adapte
 
 Memory: at SD 1.5 shapes diffusers-Flax's attention needs 38.5 GB of XLA temporaries; its
 ``use_memory_efficient_attention`` (query chunks) is on there, and off at the tiny size. The step is
-compiled with the XLA options mlmjax's own step gets (``mlmjax.aot.cpu_compiler_options``), so the
-comparison is of the steps, not of a compiler flag.
+compiled as mlmjax's own step is (``mlmjax.aot.compile_step``): with the same XLA options and, on a CPU,
+the same reuse of small steps' temporaries from the heap (``mlmjax.runtime.reuse_host_memory``), so the
+comparison is of the steps, not of a compiler flag or of malloc's settings.
 """
 
 from __future__ import annotations

@@ -1,0 +1,71 @@
+"""Process-wide settings of mlmjax.runtime: freed host buffers are reused from the heap."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# A buffer of 40 MiB (above glibc's largest default mmap threshold, 32 MiB), allocated, written and freed
+# 20 times, as XLA's CPU runtime allocates a step's temporaries at every call; prints the page faults.
+_ALLOCATE_AND_FREE = """
+import ctypes, json, resource, sys
+from mlmjax import runtime
+applied = runtime.reuse_host_memory() if sys.argv[1] == "reuse" else None
+if sys.argv[1] in ("small step", "large step"):  # compiled only: what the step's temporaries decide
+    import jax, jax.numpy as jnp
+    from mlmjax import aot
+    side = 64 if sys.argv[1] == "small step" else 9000  # 9000² float32: 324 MB for the product
+    x = jax.ShapeDtypeStruct((side, side), jnp.float32)
+    applied = aot.compile_step(jax.jit(lambda x: jnp.sum(jnp.sin(x) @ x)), x).memory["temp"]
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+size = 40 << 20
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    buffer = libc.malloc(size)
+    ctypes.memset(buffer, 1, size)
+    libc.free(buffer)
+print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+"""
+
+glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
+                           reason="malloc's thresholds are glibc's")
+
+
+def _page_faults(mode: str, **env: str) -> dict:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", _ALLOCATE_AND_FREE, mode], env={**environment, **env},
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+@glibc
+def test_a_buffer_freed_at_every_step_is_reused_instead_of_faulted_in_again():
+    pages = (40 << 20) // os.sysconf("SC_PAGE_SIZE")
+    plain = _page_faults("plain")
+    reused = _page_faults("reuse")
+    assert reused["applied"] is True
+    assert plain["faults"] >= 15 * pages  # a fresh mapping, faulted in page by page, at each of 20 calls
+    assert reused["faults"] <= 3 * pages  # faulted in once, then reused from the heap
+
+
+@glibc
+def test_a_users_own_malloc_tuning_stands():
+    result = _page_faults("reuse", MALLOC_MMAP_THRESHOLD_="65536")
+    assert result["applied"] is False
+    assert result["faults"] >= 15 * (40 << 20) // os.sysconf("SC_PAGE_SIZE")
+
+
+@glibc
+def test_compile_step_keeps_a_small_steps_temporaries_and_leaves_a_large_steps_mapped():
+    pages = (40 << 20) // os.sysconf("SC_PAGE_SIZE")
+    small = _page_faults("small step", JAX_PLATFORMS="cpu")
+    large = _page_faults("large step", JAX_PLATFORMS="cpu")
+    from mlmjax import runtime
+
+    assert small["applied"] <= runtime.HEAP_BUFFERS_UP_TO < large["applied"]  # the temporaries' bytes
+    assert small["faults"] <= 3 * pages
+    assert large["faults"] >= 15 * pages
