@@ -166,6 +166,9 @@ def run(options: dict) -> dict[str, Any]:
     env = dict(os.environ)
     if not options.get("compilation_cache"):
         env["MLMJAX_BENCH_NO_CACHE"] = "1"
+    # JAX's processes (mlmjax's and diffusers-Flax's steps alike) run as `python -m mlmjax.train` does,
+    # with huge pages for malloc's mappings; PyTorch runs as its users run it.
+    xla_env = runtime.huge_page_environment(env) or env
     peaks = {}
     dtype = options["compute_dtype"]
     for framework in [f for f in options["frameworks"] if f in ("jax", "torch")]:  # diffusers-Flax is JAX
@@ -174,7 +177,7 @@ def run(options: dict) -> dict[str, Any]:
                 if framework == "jax" else
                 ["-m", "mlmjax.bench_torch", "--peak", f"--repeats={repeats}", f"--dtype={dtype}",
                  *_torch_args(options)])
-        peaks[framework], error = _worker(args, env)
+        peaks[framework], error = _worker(args, xla_env if framework == "jax" else env)
         log(f"{framework} {dtype} matmul peak: " + (f"{peaks[framework]['flops_per_s'] / 1e9:.1f} GFLOP/s"
                                                     if peaks[framework] else f"failed ({error})"))
     measured = [p["flops_per_s"] for p in peaks.values() if p]
@@ -199,12 +202,12 @@ def run(options: dict) -> dict[str, Any]:
                     json.dump(request, f)
                 base = {"method": method, "mlm": mlm, "size": options["size"], "compute_dtype": options["compute_dtype"],
                         "repeats": options["repeats"], "warmup": options["warmup"], "remat": options.get("remat", False)}
-                prepared, error = _worker(_jax_worker_args("jax", request_path) + [f"--case={case_dir}"], env,
+                prepared, error = _worker(_jax_worker_args("jax", request_path) + [f"--case={case_dir}"], xla_env,
                                           options.get("timeout"))
                 if "jax" in options["frameworks"] and prepared and prepared.get("flops") is None:
                     # Timed on an accelerator (or cut off before counting): the model's FLOPs from the CPU.
                     counted, flops_error = _worker(_jax_worker_args("flops", request_path),
-                                                   dict(env, JAX_PLATFORMS="cpu"), options.get("timeout"))
+                                                   dict(xla_env, JAX_PLATFORMS="cpu"), options.get("timeout"))
                     prepared.update(counted or {"flops_error": flops_error})
                 jax_row = None
                 if "jax" in options["frameworks"]:
@@ -217,7 +220,8 @@ def run(options: dict) -> dict[str, Any]:
                         result, ref_error = None, f"no case folder: the JAX side failed ({error})"
                     else:
                         args, python = _reference_worker(framework, case_dir, options)
-                        result, ref_error = _worker(args, env, options.get("timeout"), python)
+                        result, ref_error = _worker(args, env if framework == "torch" else xla_env,
+                                                    options.get("timeout"), python)
                     reference_row = bench_report.finish_row(result or {"framework": framework, "error": ref_error},
                                                             base, peak, jax_row or prepared or {})
                     rows.append(reference_row)
@@ -231,7 +235,7 @@ def run(options: dict) -> dict[str, Any]:
         if options.get("sharded_memory"):  # fsdp over fake devices, bf16, one example per device
             kinds.append((options.get("sharded_devices", 8), "bfloat16", 1))
         for devices, dtype, per_device_batch in kinds:
-            sharded_env = env if devices == 1 else dict(env, XLA_FLAGS=(
+            sharded_env = xla_env if devices == 1 else dict(xla_env, XLA_FLAGS=(
                 env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip())
             for method in options["methods"]:
                 for mlm in options["mlm"]:

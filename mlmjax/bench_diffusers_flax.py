@@ -29,8 +29,10 @@ checkpointing). Two differences from PyTorch's models remain, one of them adapte
 Memory: at SD 1.5 shapes diffusers-Flax's attention needs 38.5 GB of XLA temporaries; its
 ``use_memory_efficient_attention`` (query chunks) is on there, and off at the tiny size. The step is
 compiled as mlmjax's own step is (``mlmjax.aot.compile_step``): with the same XLA options and, on a CPU,
-the same reuse of small steps' temporaries from the heap (``mlmjax.runtime.reuse_host_memory``), so the
-comparison is of the steps, not of a compiler flag or of malloc's settings.
+the same reuse of small steps' temporaries from the heap (``mlmjax.runtime.reuse_host_memory``); and
+``mlmjax.bench`` starts it with huge pages for malloc's mappings, as mlmjax's own (``GLIBC_TUNABLES``,
+``mlmjax.runtime.huge_page_environment``). The comparison is of the steps, not of compiler or malloc
+settings.
 """
 
 from __future__ import annotations

@@ -162,5 +162,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    runtime.relaunch_with_huge_pages()
     define_flags()
     app.run(main, flags_parser=runtime.parse_flags)

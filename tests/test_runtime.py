@@ -69,3 +69,30 @@ def test_compile_step_keeps_a_small_steps_temporaries_and_leaves_a_large_steps_m
     assert small["applied"] <= runtime.HEAP_BUFFERS_UP_TO < large["applied"]  # the temporaries' bytes
     assert small["faults"] <= 3 * pages
     assert large["faults"] >= 15 * pages
+
+
+def test_the_huge_page_tunable_joins_the_users_tunables_and_is_never_set_twice():
+    from mlmjax import runtime
+
+    assert runtime.huge_page_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None  # opted out
+    assert runtime.huge_page_environment({"GLIBC_TUNABLES": runtime.HUGE_PAGES_TUNABLE}) is None
+    environ = runtime.huge_page_environment({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4", "HOME": "/h"})
+    if environ is None:  # this machine's kernel or C library offers none: nothing may change
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            assert "[never]" in f.read() or not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc")
+        return
+    assert environ == {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=4:{runtime.HUGE_PAGES_TUNABLE}", "HOME": "/h"}
+
+
+@glibc
+def test_a_command_relaunches_itself_once_with_huge_pages_and_its_own_arguments():
+    from mlmjax import runtime
+
+    if runtime.huge_page_environment({}) is None:
+        pytest.skip("this kernel gives no transparent huge pages")
+    code = ("import os, sys; from mlmjax import runtime; print('start', sys.argv[1:], flush=True); "
+            "runtime.relaunch_with_huge_pages(); print(os.environ['GLIBC_TUNABLES'], os.environ['KEPT'])")
+    environment = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", code, "--flag=1"], env={**environment, "KEPT": "yes"},
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["start ['--flag=1']", "start ['--flag=1']", f"{runtime.HUGE_PAGES_TUNABLE} yes"]
