@@ -169,6 +169,9 @@ def run(options: dict) -> dict[str, Any]:
     # JAX's processes (mlmjax's and diffusers-Flax's steps alike) run as `python -m mlmjax.train` does,
     # with huge pages for malloc's mappings; PyTorch runs as its users run it.
     xla_env = runtime.huge_page_environment(env) or env
+
+    def env_for(framework: str) -> dict:
+        return env if framework == "torch" else xla_env
     peaks = {}
     dtype = options["compute_dtype"]
     for framework in [f for f in options["frameworks"] if f in ("jax", "torch")]:  # diffusers-Flax is JAX
@@ -177,7 +180,7 @@ def run(options: dict) -> dict[str, Any]:
                 if framework == "jax" else
                 ["-m", "mlmjax.bench_torch", "--peak", f"--repeats={repeats}", f"--dtype={dtype}",
                  *_torch_args(options)])
-        peaks[framework], error = _worker(args, xla_env if framework == "jax" else env)
+        peaks[framework], error = _worker(args, env_for(framework))
         log(f"{framework} {dtype} matmul peak: " + (f"{peaks[framework]['flops_per_s'] / 1e9:.1f} GFLOP/s"
                                                     if peaks[framework] else f"failed ({error})"))
     measured = [p["flops_per_s"] for p in peaks.values() if p]
@@ -220,8 +223,7 @@ def run(options: dict) -> dict[str, Any]:
                         result, ref_error = None, f"no case folder: the JAX side failed ({error})"
                     else:
                         args, python = _reference_worker(framework, case_dir, options)
-                        result, ref_error = _worker(args, env if framework == "torch" else xla_env,
-                                                    options.get("timeout"), python)
+                        result, ref_error = _worker(args, env_for(framework), options.get("timeout"), python)
                     reference_row = bench_report.finish_row(result or {"framework": framework, "error": ref_error},
                                                             base, peak, jax_row or prepared or {})
                     rows.append(reference_row)
