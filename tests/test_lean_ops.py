@@ -1,5 +1,6 @@
-"""The lean-backward GELU, SiLU and convolution: the same values and gradients as JAX's own, and the
-memory they exist for (XLA's compiled memory analysis of a small gradient)."""
+"""The lean-backward GELU, SiLU and convolution (and the patch product that replaces a convolution onto a
+few positions): the same values and gradients as JAX's own, and the memory they exist for (XLA's compiled
+memory analysis of a small gradient)."""
 
 import functools
 
@@ -63,6 +64,44 @@ def test_a_large_kernels_input_gradient_is_made_by_flipping_positions(padding):
     jaxpr = str(jax.make_jaxpr(functools.partial(grads, lean_ops.conv_general_dilated))(x, kernel))
     assert "cond[" in jaxpr
     assert all("rev" not in line or "16,24" not in line for line in jaxpr.splitlines())
+
+
+@pytest.mark.parametrize("shape, kernel_size, stride, padding", [
+    ((4, 2, 2, 6), 3, 1, ((1, 1), (1, 1))),  # the tiny UNet's lowest level
+    ((2, 4, 4, 6), 3, 2, ((0, 1), (0, 1))),  # its last downsampler, onto 2x2
+    ((3, 2, 1, 6), 1, 1, "VALID"),  # a 1x1 shortcut
+    ((2, 1, 3, 6), 3, 1, "SAME"),
+])
+def test_a_convolution_onto_few_positions_is_one_product_over_its_patches(shape, kernel_size, stride, padding):
+    """On a CPU a map of at most PATCH_PRODUCT_POSITIONS outputs is convolved as a product over its
+    gathered patches: the same value and gradients as lax's convolution, and no convolution left."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, shape[-1], 5)), jnp.float32)
+    options = dict(window_strides=(stride, stride), padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def loss(conv, x, kernel):
+        return jnp.sum(jnp.sin(conv(x, kernel, **options)))
+
+    value_and_grads = jax.value_and_grad(loss, argnums=(1, 2))
+    (lean_value, lean_grads), (value, grads) = (value_and_grads(conv, x, kernel) for conv in
+                                                (lean_ops.conv_general_dilated, jax.lax.conv_general_dilated))
+    np.testing.assert_allclose(lean_value, value, rtol=1e-6)
+    for got, want in zip(lean_grads, grads):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    jaxpr = str(jax.make_jaxpr(functools.partial(value_and_grads, lean_ops.conv_general_dilated))(x, kernel))
+    assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
+
+
+def test_larger_maps_and_other_layouts_keep_the_convolution():
+    kernel = jnp.zeros((3, 3, 4, 4))
+    nhwc = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    five_positions = jnp.zeros((1, 1, 5, 4))  # one more output position than a patch product takes
+    assert lean_ops.PATCH_PRODUCT_POSITIONS == 4
+    nchw = dict(nhwc, dimension_numbers=("NCHW", "HWIO", "NCHW"))
+    for x, options in [(five_positions, nhwc), (jnp.zeros((1, 4, 2, 2)), nchw)]:
+        jaxpr = str(jax.make_jaxpr(lambda x: lean_ops.conv_general_dilated(x, kernel, **options))(x))
+        assert "conv_general_dilated" in jaxpr
 
 
 def _temp_bytes(conv, activation) -> int:
