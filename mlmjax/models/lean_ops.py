@@ -103,30 +103,36 @@ def _convolve_forward(convolution, inputs, kernel):
 _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
+def _plain_cpu_padding(lhs: jax.Array, rhs: jax.Array, window_strides: tuple, padding: Any,
+                       options: dict) -> tuple | None:
+    """The explicit ((lo, hi), (lo, hi)) padding of a convolution that the CPU forms below may take: on a
+    CPU, NHWC/HWIO, undilated, ungrouped. None for any other."""
+    ones = (1, 1)
+    if (jax.default_backend() != "cpu" or lhs.ndim != 4 or rhs.ndim != 4
+            or options.get("dimension_numbers") is None
+            or tuple(options.get("lhs_dilation") or ones) != ones or tuple(options.get("rhs_dilation") or ones) != ones
+            or options.get("feature_group_count", 1) != 1 or options.get("batch_group_count", 1) != 1
+            or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, options["dimension_numbers"])
+            != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+        return None
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+    return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
 def _flip_form_padding(convolution: functools.partial, inputs: jax.Array, kernel: jax.Array, g: jax.Array):
     """The explicit padding of a convolution whose input gradient :func:`_input_gradient_by_flips` makes:
-    stride 1, undilated, ungrouped, NHWC/HWIO, on a CPU, with more kernel elements than g has. None for
+    stride 1, more kernel elements than g has, and :func:`_plain_cpu_padding`'s conditions. None for
     any other.
 
     Flipping g and the result pays where the kernel is the larger (low resolutions, many channels), on a
     CPU: a GPU's conditional would wait for its predicate on the host, and XLA's GPU and TPU convolutions
     take a flipped kernel as it comes."""
-    options = convolution.keywords
-    ones = (1,) * (kernel.ndim - 2)
-    applies = (jax.default_backend() == "cpu" and kernel.size > g.size
-               and tuple(options["window_strides"]) == ones
-               and tuple(options.get("lhs_dilation") or ones) == ones
-               and tuple(options.get("rhs_dilation") or ones) == ones
-               and options.get("feature_group_count", 1) == 1 and options.get("batch_group_count", 1) == 1
-               and kernel.ndim == 4 and options.get("dimension_numbers") is not None
-               and jax.lax.conv_dimension_numbers(inputs.shape, kernel.shape, options["dimension_numbers"])
-               == jax.lax.conv_dimension_numbers(inputs.shape, kernel.shape, _NHWC))
-    if not applies:
+    options = dict(convolution.keywords)
+    strides = tuple(options.pop("window_strides"))
+    if strides != (1, 1) or kernel.size <= g.size:
         return None
-    padding = options["padding"]
-    if isinstance(padding, str):
-        padding = jax.lax.padtype_to_pads(inputs.shape[1:3], kernel.shape[:2], ones, padding)
-    return tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _plain_cpu_padding(inputs, kernel, strides, options.pop("padding"), options)
 
 
 def _input_gradient_by_flips(convolution: functools.partial, g: jax.Array, kernel: jax.Array,
@@ -171,24 +177,18 @@ _convolve.defvjp(_convolve_forward, _convolve_backward)
 # Output positions per image up to which a CPU convolution is one product over its gathered patches.
 # XLA's CPU convolutions (YNNPACK's and its own) took 3-4x a patch product's time on a 2x2 map, the
 # tiny UNet's lowest level (64 features, batch 4, forward and input gradient: 0.10 against 0.03 ms per
-# convolution, 2-core AMD EPYC), and won from 4x4 on (0.031 against 0.040 ms).
+# convolution, 2-core AMD EPYC), and won from 4x4 on (0.058 against 0.062 ms; forward alone level).
 PATCH_PRODUCT_POSITIONS = 4
 
 
-def _patch_product_padding(lhs: jax.Array, rhs: jax.Array, window_strides: Any, padding: Any,
+def _patch_product_padding(lhs: jax.Array, rhs: jax.Array, window_strides: tuple, padding: Any,
                            options: dict) -> tuple | None:
-    """The explicit padding of a convolution that :func:`_convolve_by_patches` computes (on a CPU:
-    NHWC/HWIO, undilated, ungrouped, at most :data:`PATCH_PRODUCT_POSITIONS` output positions per
-    image); None for any other."""
-    if (jax.default_backend() != "cpu" or lhs.ndim != 4 or options.get("dimension_numbers") is None
-            or any(tuple(options.get(key) or (1, 1)) != (1, 1) for key in ("lhs_dilation", "rhs_dilation"))
-            or options.get("feature_group_count", 1) != 1 or options.get("batch_group_count", 1) != 1
-            or jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, options["dimension_numbers"])
-            != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)):
+    """The explicit padding of a convolution that :func:`_convolve_by_patches` computes: at most
+    :data:`PATCH_PRODUCT_POSITIONS` output positions per image, and :func:`_plain_cpu_padding`'s
+    conditions. None for any other."""
+    padding = _plain_cpu_padding(lhs, rhs, window_strides, padding, options)
+    if padding is None:
         return None
-    if isinstance(padding, str):
-        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
     out = [(size + lo + hi - window) // stride + 1
            for size, (lo, hi), window, stride in zip(lhs.shape[1:3], padding, rhs.shape[:2], window_strides)]
     return padding if out[0] * out[1] <= PATCH_PRODUCT_POSITIONS else None
@@ -212,8 +212,9 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Any, pa
     """``jax.lax.conv_general_dilated`` (same arguments) with the lean backward pass; flax's
     ``nn.Conv(conv_general_dilated=...)`` takes it. On a CPU a convolution with few output positions
     is one product over its patches (:data:`PATCH_PRODUCT_POSITIONS`)."""
-    patch_padding = _patch_product_padding(lhs, rhs, tuple(window_strides), padding, options)
+    strides = tuple(window_strides)
+    patch_padding = _patch_product_padding(lhs, rhs, strides, padding, options)
     if patch_padding is not None:
-        return _convolve_by_patches(lhs, rhs, tuple(window_strides), patch_padding, options.get("precision"))
+        return _convolve_by_patches(lhs, rhs, strides, patch_padding, options.get("precision"))
     return _convolve(functools.partial(jax.lax.conv_general_dilated, window_strides=window_strides,
                                        padding=padding, **options), lhs, rhs)
