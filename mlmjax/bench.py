@@ -63,6 +63,12 @@ outside the models the function that issued the operation, such as ``mlm._chunke
 layer (``transformer_blocks/attn1``); the profiles (``.xplane.pb``) stay in DIR for TensorBoard's
 profile plugin or XProf.
 
+``--processes N`` times each configuration in N fresh processes of each framework, taken in turns (JAX,
+the references, JAX again), and pools their timed steps into the row; the row also keeps each process's
+median, and the table shows their range. At the tiny size a step's speed is a property of the process
+as much as of the step: the same TI + MLM step runs every step ~35% slower in about one process in eight
+(README, "Benchmarks"), so one process per row can land either way.
+
 ``--sharded_memory`` lowers DreamBooth at SD 1.5 shapes (UNet + text encoder + token trained, AdamW,
 bfloat16 compute, one instance and one class image per device, fsdp=8) from
 ``jax.ShapeDtypeStruct``\ s with shardings, no weights allocated, in a subprocess with 8 host devices
@@ -77,6 +83,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -155,9 +162,47 @@ def _torch_args(options: dict) -> list[str]:
     return [f"--threads={options.get('torch_threads', 0)}", f"--device={options.get('torch_device', 'auto')}"]
 
 
+def _process_median(row: dict | None, error: str | None) -> str:
+    if error or not (row or {}).get("times_s"):
+        return f"failed ({error})"
+    return f"{1000 * statistics.median(row['times_s']):.1f} ms"
+
+
+def _measure_case(case_dir: str, request: dict, options: dict, env_for, log) -> dict[str, list]:
+    """Every framework's ``(row, error)`` for one configuration, from ``options['processes']`` fresh processes
+    each, taken in turns (JAX, then each reference, then JAX again), so a drift in the machine's speed
+    reaches every framework alike. The JAX process also writes the case folder the references read (the
+    same batch and weights each time); without JAX among the frameworks it runs once, only for that. Only
+    the first JAX process profiles."""
+    processes = options.get("processes", 1)
+    references = [f for f in options["frameworks"] if f in bench_report.REFERENCES]
+    measured = {framework: [] for framework in ["jax", *references]}
+    for process in range(processes):
+        if process == 0 or "jax" in options["frameworks"]:
+            request_path = os.path.join(case_dir, REQUEST_JSON if process == 0 else f"later-{REQUEST_JSON}")
+            if process == 1:
+                with open(request_path, "w") as f:
+                    json.dump(dict(request, profile=None), f)
+            measured["jax"].append(_worker(_jax_worker_args("jax", request_path) + [f"--case={case_dir}"],
+                                           env_for("jax"), options.get("timeout")))
+        for framework in references:
+            if not os.path.isfile(os.path.join(case_dir, bench_torch.CASE_JSON)):
+                error = measured["jax"][-1][1]
+                measured[framework].append((None, f"no case folder: the JAX side failed ({error})"))
+                continue
+            args, python = _reference_worker(framework, case_dir, options)
+            measured[framework].append(_worker(args, env_for(framework), options.get("timeout"), python))
+        if processes > 1:
+            log(f"{request['method']} mlm={request['mlm']}, process {process + 1} of {processes}: " + ", ".join(
+                f"{framework} {_process_median(*results[-1])}" for framework, results in measured.items()
+                if len(results) == process + 1))
+    return measured
+
+
 def run(options: dict) -> dict[str, Any]:
     """The whole benchmark; ``options``: methods, mlm (list of bools), size, repeats, warmup, frameworks,
     compute_dtype, configs, sharded_memory, compilation_cache, profile (a folder: profile the JAX steps),
+    processes (fresh processes per configuration and framework),
     mlm_branch (also time the MLM branch alone),
     diffusers_flax_python (the interpreter of the diffusers-Flax reference), log (a callable for progress
     lines)."""
@@ -205,8 +250,8 @@ def run(options: dict) -> dict[str, Any]:
                     json.dump(request, f)
                 base = {"method": method, "mlm": mlm, "size": options["size"], "compute_dtype": options["compute_dtype"],
                         "repeats": options["repeats"], "warmup": options["warmup"], "remat": options.get("remat", False)}
-                prepared, error = _worker(_jax_worker_args("jax", request_path) + [f"--case={case_dir}"], xla_env,
-                                          options.get("timeout"))
+                measured = _measure_case(case_dir, request, options, env_for, log)
+                prepared, error = bench_report.pool_processes(measured["jax"])
                 if "jax" in options["frameworks"] and prepared and prepared.get("flops") is None:
                     # Timed on an accelerator (or cut off before counting): the model's FLOPs from the CPU.
                     counted, flops_error = _worker(_jax_worker_args("flops", request_path),
@@ -219,11 +264,7 @@ def run(options: dict) -> dict[str, Any]:
                     rows.append(jax_row)
                     log(bench_report.progress(jax_row))
                 for framework in [f for f in options["frameworks"] if f in bench_report.REFERENCES]:
-                    if not os.path.isfile(os.path.join(case_dir, bench_torch.CASE_JSON)):
-                        result, ref_error = None, f"no case folder: the JAX side failed ({error})"
-                    else:
-                        args, python = _reference_worker(framework, case_dir, options)
-                        result, ref_error = _worker(args, env_for(framework), options.get("timeout"), python)
+                    result, ref_error = bench_report.pool_processes(measured[framework])
                     reference_row = bench_report.finish_row(result or {"framework": framework, "error": ref_error},
                                                             base, peak, jax_row or prepared or {})
                     rows.append(reference_row)
@@ -306,6 +347,9 @@ def define_flags() -> None:
     flags.DEFINE_enum("size", "tiny", SIZES, "tiny: the embedded model; sd15: SD 1.5 shapes, random weights")
     flags.DEFINE_integer("repeats", 5, "timed steps per configuration (the median is reported)")
     flags.DEFINE_integer("warmup", 2, "untimed steps first (at least 1: the first call)")
+    flags.DEFINE_integer("processes", 1, "fresh processes per configuration and framework, taken in turns; a "
+                         "row pools their timed steps and shows the spread of their medians (a tiny step's speed "
+                         "can differ by a third between processes)")
     flags.DEFINE_string("framework", "jax,torch", "comma-separated: jax, torch (the PyTorch reference), "
                         "diffusers_flax (diffusers' Flax models, in --diffusers_flax_python), or none (only "
                         "--sharded_memory or --compile_only)")
@@ -369,8 +413,8 @@ def main(argv: list[str]) -> None:
     if "diffusers_flax" in frameworks and f.diffusers_flax_python and not os.access(f.diffusers_flax_python, os.X_OK):
         runtime.fail(f"--diffusers_flax_python={f.diffusers_flax_python}: not an executable; make the environment "
                      "with launch/diffusers_flax_env.sh and give its bin/python")
-    if f.repeats < 1 or f.warmup < 1:
-        runtime.fail(f"--repeats={f.repeats} and --warmup={f.warmup} must be at least 1")
+    if f.repeats < 1 or f.warmup < 1 or f.processes < 1:
+        runtime.fail(f"--repeats={f.repeats}, --warmup={f.warmup} and --processes={f.processes} must be at least 1")
     options = {"methods": _split(f.methods, config_lib.METHODS, "methods"),
                "mlm": [m == "on" for m in _split(f.mlm, ("on", "off"), "mlm")],
                "size": f.size, "repeats": f.repeats, "warmup": f.warmup, "frameworks": frameworks,
@@ -379,7 +423,7 @@ def main(argv: list[str]) -> None:
                "torch_threads": f.torch_threads, "compile_only": f.compile_only, "remat": f.remat,
                "peak_repeats": f.peak_repeats, "attention": f.attention, "torch_device": f.torch_device,
                "timeout": f.timeout, "profile": f.profile, "diffusers_flax_python": f.diffusers_flax_python,
-               "mlm_branch": f.mlm_branch,
+               "mlm_branch": f.mlm_branch, "processes": f.processes,
                "log": lambda message: print(message, file=sys.stderr, flush=True)}
     if not os.path.isdir(f.configs):
         runtime.fail(f"--configs={f.configs}: not a folder; point it at the repository's configs/")

@@ -33,6 +33,27 @@ def _summary(times: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(ms), "min_ms": ms[0], "max_ms": ms[-1], "q1_ms": q[0], "q3_ms": q[2]}
 
 
+def pool_processes(measured: list[tuple[dict | None, str | None]]) -> tuple[dict | None, str | None]:
+    """One configuration timed in several fresh processes (``bench --processes``), as one worker's
+    ``(row, error)``: the first successful process's row (compile time, FLOPs, memory, first loss) with
+    the timed steps of every successful process pooled (``times_s``, ``mlm_branch_times_s``), each one's
+    median kept in ``process_medians_ms`` (a tiny step's speed can differ between processes, not only
+    between steps) and the other processes' failures in ``process_errors``. Where none succeeded, the
+    first process's ``(row, error)``."""
+    succeeded = [row for row, error in measured if row and not error and row.get("times_s")]
+    if not succeeded:
+        return measured[0]
+    pooled = dict(succeeded[0])
+    for key in ("times_s", "mlm_branch_times_s"):
+        if all(row.get(key) for row in succeeded):
+            pooled[key] = [t for row in succeeded for t in row[key]]
+    pooled["process_medians_ms"] = [1000 * statistics.median(row["times_s"]) for row in succeeded]
+    failures = [error for _, error in measured if error]
+    if failures:
+        pooled["process_errors"] = failures
+    return pooled, None
+
+
 def finish_row(row: dict, base: dict, peak: float | None, jax_row: dict | None) -> dict:
     """A worker's row completed: the configuration ``base``, time statistics, examples/s, FLOP/s and the
     fraction of the matmul ``peak``, every ``ROW_FIELDS`` key; a reference's row (PyTorch, diffusers-Flax)
@@ -195,8 +216,11 @@ def markdown(result: dict) -> str:
             loss = r.get("first_loss", {}).get("loss")
             loss_text = fmt(loss, ".5g") + (f" (Δ {r['loss_rel_error']:.1e})" if r.get("loss_rel_error") is not None
                                              else "")
+            processes = r.get("process_medians_ms") or []
+            spread = (f"; {len(processes)} processes {min(processes):.1f}–{max(processes):.1f}"
+                      if len(processes) > 1 else "")
             lines.append(
-                f"{head} {batch} | {r['median_ms']:.1f} [{r['q1_ms']:.1f}–{r['q3_ms']:.1f}] | "
+                f"{head} {batch} | {r['median_ms']:.1f} [{r['q1_ms']:.1f}–{r['q3_ms']:.1f}]{spread} | "
                 f"{fmt(r['examples_per_s'])} | {fmt(r.get('compile_s'), '.1f')} | {fmt(r['flops'], '.3g', 1e9)} | "
                 f"{fmt(r['achieved_flops_per_s'], '.1f', 1e9)} ({fmt(fraction, '.0%')}) | "
                 f"{fmt(r['peak_memory_bytes'], '.2f', 1e9)} | {fmt(r['peak_rss_bytes'], '.2f', 1e9)} | "

@@ -138,6 +138,49 @@ def test_markdown_shows_failures_and_sharded_rows():
     assert "jax 50.0 GFLOP/s" in text
 
 
+def test_processes_pool_their_steps_and_keep_each_median():
+    first = {"framework": "jax", "compile_s": 9.0, "times_s": [0.030, 0.028, 0.029], "mlm_branch_times_s": [0.01]}
+    second = {"framework": "jax", "compile_s": 8.0, "times_s": [0.040, 0.041], "mlm_branch_times_s": [0.02, 0.03]}
+    pooled, error = bench_report.pool_processes([(first, None), (None, "exit status 1: boom"), (second, None)])
+    assert error is None and pooled["compile_s"] == 9.0  # the first process's row
+    assert pooled["times_s"] == [0.030, 0.028, 0.029, 0.040, 0.041]
+    assert pooled["mlm_branch_times_s"] == [0.01, 0.02, 0.03]
+    assert pooled["process_medians_ms"] == pytest.approx([29.0, 40.5])
+    assert pooled["process_errors"] == ["exit status 1: boom"]
+    # None succeeded: the first failure, as one process would report it.
+    partial = {"framework": "jax", "compile_s": 9.0, "error": "timed out after 5 s"}
+    assert bench_report.pool_processes([(partial, "timed out after 5 s"), (None, "exit status 1: boom")]) == (
+        partial, "timed out after 5 s")
+    assert bench_report.pool_processes([(first, None)])[0]["process_medians_ms"] == pytest.approx([29.0])
+
+    row = bench_report.finish_row(pooled, {"method": "ti", "mlm": True, "size": "tiny", "compute_dtype": "float32"},
+                                  None, None)
+    assert row["median_ms"] == pytest.approx(30.0)
+    result = _result(True, 1.0, 1.0)
+    result["rows"] = [dict(row, batch=4, prior_batch=0, mlm_batch=25)]
+    assert "| 4 (+0, 25) | 30.0 [29.0–40.0]; 2 processes 29.0–40.5 |" in bench_report.markdown(result)
+
+
+def test_each_configuration_runs_in_several_processes(tmp_path):
+    """``--processes 2``: two fresh JAX processes per configuration, their steps pooled, one profile."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlmjax.bench", "--methods=ti", "--mlm=off", "--repeats=2", "--warmup=1",
+         "--framework=jax", "--processes=2", "--peak_repeats=2", "--compilation_cache", f"--json={out}",
+         f"--profile={tmp_path / 'profile'}"], capture_output=True, text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert len(row["times_s"]) == 4 and len(row["process_medians_ms"]) == 2
+    assert all(_positive(median) for median in row["process_medians_ms"]) and row["profile"]
+    traces = [name for _, _, names in os.walk(tmp_path / "profile") for name in names if name.endswith(".xplane.pb")]
+    assert len(traces) == 1, traces  # only the first process profiles
+    assert "ti mlm=False, process 2 of 2: jax " in proc.stderr
+    assert "--processes=0" in subprocess.run(
+        [sys.executable, "-m", "mlmjax.bench", "--processes=0"], capture_output=True, text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300).stderr
+
+
 def test_bad_flags_are_user_errors():
     proc = subprocess.run([sys.executable, "-m", "mlmjax.bench", "--methods=ti,foo"], capture_output=True, text=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
