@@ -163,6 +163,8 @@ def _torch_args(options: dict) -> list[str]:
 
 
 def _process_median(row: dict | None, error: str | None) -> str:
+    if (row or {}).get("unsupported"):
+        return "not run"
     if error or not (row or {}).get("times_s"):
         return f"failed ({error})"
     return f"{1000 * statistics.median(row['times_s']):.1f} ms"
