@@ -83,7 +83,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -165,9 +164,8 @@ def _torch_args(options: dict) -> list[str]:
 def _process_median(row: dict | None, error: str | None) -> str:
     if (row or {}).get("unsupported"):
         return "not run"
-    if error or not (row or {}).get("times_s"):
-        return f"failed ({error})"
-    return f"{1000 * statistics.median(row['times_s']):.1f} ms"
+    median_ms = bench_report.process_median_ms(row, error)
+    return f"failed ({error})" if median_ms is None else f"{median_ms:.1f} ms"
 
 
 def _measure_case(case_dir: str, request: dict, options: dict, env_for, log) -> dict[str, list]:

@@ -33,6 +33,13 @@ def _summary(times: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(ms), "min_ms": ms[0], "max_ms": ms[-1], "q1_ms": q[0], "q3_ms": q[2]}
 
 
+def process_median_ms(row: dict | None, error: str | None) -> float | None:
+    """The median step time of one process's ``(row, error)``; None where it failed or timed nothing."""
+    if error or not (row or {}).get("times_s"):
+        return None
+    return 1000 * statistics.median(row["times_s"])
+
+
 def pool_processes(measured: list[tuple[dict | None, str | None]]) -> tuple[dict | None, str | None]:
     """One configuration timed in several fresh processes (``bench --processes``), as one worker's
     ``(row, error)``: the first successful process's row (compile time, FLOPs, memory, first loss) with
@@ -40,14 +47,14 @@ def pool_processes(measured: list[tuple[dict | None, str | None]]) -> tuple[dict
     median kept in ``process_medians_ms`` (a tiny step's speed can differ between processes, not only
     between steps) and the other processes' failures in ``process_errors``. Where none succeeded, the
     first process's ``(row, error)``."""
-    succeeded = [row for row, error in measured if row and not error and row.get("times_s")]
+    succeeded = [row for row, error in measured if process_median_ms(row, error) is not None]
     if not succeeded:
         return measured[0]
     pooled = dict(succeeded[0])
     for key in ("times_s", "mlm_branch_times_s"):
         if all(row.get(key) for row in succeeded):
             pooled[key] = [t for row in succeeded for t in row[key]]
-    pooled["process_medians_ms"] = [1000 * statistics.median(row["times_s"]) for row in succeeded]
+    pooled["process_medians_ms"] = [process_median_ms(row, None) for row in succeeded]
     failures = [error for _, error in measured if error]
     if failures:
         pooled["process_errors"] = failures

@@ -176,9 +176,9 @@ def test_each_configuration_runs_in_several_processes(tmp_path):
     traces = [name for _, _, names in os.walk(tmp_path / "profile") for name in names if name.endswith(".xplane.pb")]
     assert len(traces) == 1, traces  # only the first process profiles
     assert "ti mlm=False, process 2 of 2: jax " in proc.stderr
-    assert "--processes=0" in subprocess.run(
-        [sys.executable, "-m", "mlmjax.bench", "--processes=0"], capture_output=True, text=True,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300).stderr
+    refused = subprocess.run([sys.executable, "-m", "mlmjax.bench", "--processes=0"], capture_output=True, text=True,
+                             env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert refused.returncode == 2 and "--processes=0" in refused.stderr, refused.stderr
 
 
 def test_bad_flags_are_user_errors():
