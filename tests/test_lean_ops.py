@@ -93,6 +93,43 @@ def test_a_convolution_onto_few_positions_is_one_product_over_its_patches(shape,
     assert "conv_general_dilated" not in jaxpr and "dot_general" in jaxpr
 
 
+@pytest.mark.parametrize("shape, stride, padding", [
+    ((1, 4, 4, 32), 1, ((1, 1), (1, 1))),  # a 4x4 level (its input gradient by flips too)
+    ((1, 6, 5, 32), 2, ((1, 1), (1, 1))),  # a downsampler onto 3x3
+    ((1, 3, 4, 32), 1, ((0, 2), (2, 1))),
+])
+def test_a_large_kernels_gradient_is_one_product_over_the_inputs_patches(shape, stride, padding, monkeypatch):
+    """Where the kernel has PATCH_GRADIENT_RATIO times the incoming gradient's elements (SD 1.5's 8x8 and
+    16x16 levels), its gradient is patchesᵀ · g: the same gradients as lax's, one convolution fewer. A
+    kernel under PATCH_GRADIENT_MIN_KERNEL elements (the tiny UNet's) keeps the convolution."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, shape[-1], 24)), jnp.float32)
+    options = dict(window_strides=(stride, stride), padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    out = jax.eval_shape(lambda: jax.lax.conv_general_dilated(x, kernel, **options))
+    assert lean_ops.PATCH_GRADIENT_RATIO * out.size <= kernel.size < lean_ops.PATCH_GRADIENT_MIN_KERNEL
+    assert np.prod(out.shape[1:3]) > lean_ops.PATCH_PRODUCT_POSITIONS  # the forward stays a convolution
+
+    def loss(conv, x, kernel):
+        return jnp.sum(jnp.sin(conv(x, kernel, **options)))
+
+    grads = jax.grad(loss, argnums=(1, 2))
+    made_by_convolution = f"f32[3,3,{shape[-1]},24] = conv_general_dilated["
+
+    def lean_jaxpr():
+        return str(jax.make_jaxpr(functools.partial(grads, lean_ops.conv_general_dilated))(x, kernel))
+
+    assert made_by_convolution in lean_jaxpr()  # a small kernel
+    monkeypatch.setattr(lean_ops, "PATCH_GRADIENT_MIN_KERNEL", kernel.size)
+    lean, reference = grads(lean_ops.conv_general_dilated, x, kernel), grads(jax.lax.conv_general_dilated, x, kernel)
+    for got, want in zip(lean, reference):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # The kernel's gradient now comes out of a product, where lax's comes out of a convolution.
+    lax_jaxpr = str(jax.make_jaxpr(functools.partial(grads, jax.lax.conv_general_dilated))(x, kernel))
+    assert made_by_convolution in lax_jaxpr and made_by_convolution not in lean_jaxpr()
+    assert "dot_general" in lean_jaxpr()
+
+
 def test_larger_maps_and_other_layouts_keep_the_convolution():
     kernel = jnp.zeros((3, 3, 4, 4))
     nhwc = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))

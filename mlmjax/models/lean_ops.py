@@ -16,8 +16,10 @@ functions; gradients agree to float rounding (``tests/test_lean_ops.py``).
 
 On a CPU, where a stride-1 convolution's kernel outnumbers its incoming gradient, its input gradient
 leaves the kernel's taps in place and flips positions instead, which XLA's CPU backend arranges 2-4×
-faster (:func:`_input_gradient_by_flips`). And :func:`written_gradient` keeps XLA's CPU backend from
-recomputing a transformer's residual-stream gradient inside every block's weight gradient.
+faster (:func:`_input_gradient_by_flips`), and where it outnumbers the incoming gradient eightfold its
+own gradient is one product over the input's patches (:func:`_kernel_gradient_by_patches`). And
+:func:`written_gradient` keeps XLA's CPU backend from recomputing a transformer's residual-stream gradient
+inside every block's weight gradient.
 
 At the other end of the scale, a CPU convolution onto a few positions (the tiny UNet's 2×2 level) is one
 product over its gathered patches (:func:`_convolve_by_patches`), which XLA runs several times faster.
@@ -158,17 +160,27 @@ def _input_gradient_by_flips(convolution: functools.partial, g: jax.Array, kerne
 
 def _convolve_backward(convolution, residuals, g):
     inputs, kernel = residuals
+    patch_padding = _patch_gradient_padding(convolution, inputs, kernel, g)
+    d_kernel = None
+    if patch_padding is not None:
+        d_kernel = _kernel_gradient_by_patches(inputs, g, kernel, convolution.keywords["window_strides"],
+                                               patch_padding, convolution.keywords.get("precision"))
     padding = _flip_form_padding(convolution, inputs, kernel, g)
     if padding is not None:
         d_inputs = _input_gradient_by_flips(convolution, g, kernel, padding)
-        _, kernel_vjp = jax.vjp(lambda k: convolution(inputs, k), kernel)  # needs g and inputs, not kernel
-        return d_inputs.astype(inputs.dtype), kernel_vjp(g)[0]
+        if d_kernel is None:
+            _, kernel_vjp = jax.vjp(lambda k: convolution(inputs, k), kernel)  # needs g and inputs, not kernel
+            d_kernel = kernel_vjp(g)[0]
+        return d_inputs.astype(inputs.dtype), d_kernel
     # A data dependence makes the kernel's transpose wait for g (XLA's CPU backend lowers an
     # optimization_barrier to scheduling hints that a parameter-only transpose ignores): adding
     # 0 · g[0] is exact for every finite g, and a NaN in g makes every gradient NaN anyway.
     kernel = kernel + jnp.zeros((), kernel.dtype) * g.reshape(-1)[0].astype(kernel.dtype)
-    _, vjp = jax.vjp(convolution, inputs, kernel)
-    return vjp(g)
+    if d_kernel is None:
+        _, vjp = jax.vjp(convolution, inputs, kernel)
+        return vjp(g)
+    _, input_vjp = jax.vjp(lambda x: convolution(x, kernel), inputs)
+    return input_vjp(g)[0], d_kernel
 
 
 _convolve.defvjp(_convolve_forward, _convolve_backward)
@@ -194,17 +206,56 @@ def _patch_product_padding(lhs: jax.Array, rhs: jax.Array, window_strides: tuple
     return padding if out[0] * out[1] <= PATCH_PRODUCT_POSITIONS else None
 
 
-def _convolve_by_patches(lhs: jax.Array, rhs: jax.Array, window_strides: Any, padding: tuple,
-                         precision: Any = None) -> jax.Array:
-    """The NHWC/HWIO convolution as one product: each output position's window of inputs, taps side by
-    side along the features, times the kernel flattened the same way. Its gradients are a product,
-    and slices and pads of the small map."""
+def _gather_patches(lhs: jax.Array, window: tuple[int, int], window_strides: Any, padding: tuple) -> jax.Array:
+    """``[N, out_h, out_w, kh · kw · C]``: each output position's window of the NHWC ``lhs``, its taps side by
+    side along the features in the order of an HWIO kernel flattened over its first three axes."""
     padded = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
-    (kh, kw), (sh, sw) = rhs.shape[:2], window_strides
+    (kh, kw), (sh, sw) = window, window_strides
     oh, ow = (padded.shape[1] - kh) // sh + 1, (padded.shape[2] - kw) // sw + 1
     taps = [padded[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :] for i in range(kh) for j in range(kw)]
-    patches = jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
+    return jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
+
+
+def _convolve_by_patches(lhs: jax.Array, rhs: jax.Array, window_strides: Any, padding: tuple,
+                         precision: Any = None) -> jax.Array:
+    """The NHWC/HWIO convolution as one product: each output position's window of inputs times the kernel
+    flattened the same way. Its gradients are a product, and slices and pads of the small map."""
+    patches = _gather_patches(lhs, rhs.shape[:2], window_strides, padding)
     return jnp.einsum("nhwk,ko->nhwo", patches, rhs.reshape(-1, rhs.shape[-1]), precision=precision)
+
+
+# A CPU convolution's kernel gradient is one product over the input's patches where the kernel has at least
+# PATCH_GRADIENT_RATIO times the elements of the incoming gradient and at least PATCH_GRADIENT_MIN_KERNEL
+# elements (SD 1.5's 8x8 and 16x16 levels). XLA's CPU backend convolves the input with the gradient there,
+# the batch of 2-4 as the features: a [3, 3, 2560, 1280] kernel's gradient at 8x8, batch 2, took 82 ms
+# against the product's 45, a [3, 3, 1280, 1280] one at 16x16 69 against 51; at ratio 4.5 and below
+# (8x8 with 64 features, 32x32 with 640) the convolution won, and the tiny UNet's 4x4 level (ratio 18,
+# 37k-element kernels) left its DreamBooth step 1% slower (2-core AMD EPYC, session 24).
+PATCH_GRADIENT_RATIO = 8
+PATCH_GRADIENT_MIN_KERNEL = 2**20
+
+
+def _patch_gradient_padding(convolution: functools.partial, inputs: jax.Array, kernel: jax.Array,
+                            g: jax.Array) -> tuple | None:
+    """The explicit padding of a convolution whose kernel gradient :func:`_kernel_gradient_by_patches` makes:
+    a kernel of at least :data:`PATCH_GRADIENT_RATIO` times g's elements and
+    :data:`PATCH_GRADIENT_MIN_KERNEL` elements, and :func:`_plain_cpu_padding`'s conditions. None for any
+    other."""
+    if kernel.size < max(PATCH_GRADIENT_RATIO * g.size, PATCH_GRADIENT_MIN_KERNEL):
+        return None
+    options = dict(convolution.keywords)
+    strides = tuple(options.pop("window_strides"))
+    return _plain_cpu_padding(inputs, kernel, strides, options.pop("padding"), options)
+
+
+def _kernel_gradient_by_patches(inputs: jax.Array, g: jax.Array, kernel: jax.Array, window_strides: Any,
+                                padding: tuple, precision: Any = None) -> jax.Array:
+    """The kernel gradient of an NHWC/HWIO convolution, patchesᵀ · g summed over images and positions (in
+    float32 whatever the compute dtype, as the convolution accumulates)."""
+    patches = _gather_patches(inputs, kernel.shape[:2], tuple(window_strides), padding)
+    product = jax.lax.dot_general(patches, g, (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision,
+                                  preferred_element_type=jnp.float32)
+    return product.reshape(kernel.shape).astype(kernel.dtype)
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Any, padding: Any,
