@@ -191,3 +191,31 @@ def test_the_residual_gradient_is_written_out_not_recomputed_in_every_fusion(mon
     assert written_hlo.count(" conditional(") == 6  # one per layer
     for a, b in zip(jax.tree.leaves(written), jax.tree.leaves(plain)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_square_or_widening_dense_kernel_takes_its_gradient_from_the_input_transposed():
+    """layers.dense (nn.Dense with lean_ops.dot_general): the same values and gradients as nn.Dense; on a
+    CPU a kernel with no more rows than columns takes the written-out transpose, others keep lax's product."""
+    import flax.linen as nn
+
+    from mlmjax.models import layers
+
+    rng = np.random.default_rng(4)
+    for width, transposed in [(24, True), (16, True), (8, False)]:
+        x = jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.float32)
+        params = nn.Dense(width).init(jax.random.key(0), x)
+
+        def loss(module, params, x):
+            return jnp.sum(jnp.sin(module.apply(params, x)))
+
+        grads = jax.value_and_grad(loss, argnums=(1, 2))
+        lean, reference = grads(layers.dense(width), params, x), grads(nn.Dense(width), params, x)
+        for got, want in zip(jax.tree.leaves(lean), jax.tree.leaves(reference)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        jaxpr = str(jax.make_jaxpr(functools.partial(grads, layers.dense(width)))(params, x))
+        assert ("optimization_barrier" in jaxpr) == transposed, width
+    # Other forms of product keep lax's: a batch axis, two contracted axes.
+    for lhs, rhs, numbers in [(jnp.zeros((3, 4, 5)), jnp.zeros((3, 5, 7)), (((2,), (1,)), ((0,), (0,)))),
+                              (jnp.zeros((4, 2, 3)), jnp.zeros((2, 3, 9)), (((1, 2), (0, 1)), ((), ())))]:
+        jaxpr = str(jax.make_jaxpr(jax.grad(lambda r: jnp.sum(lean_ops.dot_general(lhs, r, numbers))))(rhs))
+        assert "optimization_barrier" not in jaxpr

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from mlmjax.models import lean_ops
 from mlmjax.models.attention import dot_product_attention
+from mlmjax.models.layers import dense
 from mlmjax.weights import WeightsError
 
 _PREFIX = "text_model."
@@ -153,7 +154,7 @@ class CLIPAttention(nn.Module):
         in_std = width**-0.5 * (2 * depth) ** -0.5
 
         def project(name: str, std: float, y: jax.Array) -> jax.Array:
-            return nn.Dense(width, dtype=self.dtype, kernel_init=_normal(std), name=name)(y)
+            return dense(width, dtype=self.dtype, kernel_init=_normal(std), name=name)(y)
 
         heads = (*x.shape[:-1], c.num_attention_heads, c.head_dim)
         q, k, v = (project(n, in_std, x).reshape(heads) for n in ("q_proj", "k_proj", "v_proj"))
@@ -178,11 +179,11 @@ class CLIPMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
-        x = nn.Dense(c.intermediate_size, dtype=self.dtype, kernel_init=_normal((2 * c.hidden_size) ** -0.5),
-                     name="fc1")(x)
+        x = dense(c.intermediate_size, dtype=self.dtype, kernel_init=_normal((2 * c.hidden_size) ** -0.5),
+                  name="fc1")(x)
         x = ACTIVATIONS[c.hidden_act](x)
         fc2_std = c.hidden_size**-0.5 * (2 * c.num_hidden_layers) ** -0.5
-        return nn.Dense(c.hidden_size, dtype=self.dtype, kernel_init=_normal(fc2_std), name="fc2")(x)
+        return dense(c.hidden_size, dtype=self.dtype, kernel_init=_normal(fc2_std), name="fc2")(x)
 
 
 def _layer_norm(config: CLIPTextConfig, dtype: jnp.dtype, name: str | None = None) -> nn.LayerNorm:

@@ -269,3 +269,47 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Any, pa
         return _convolve_by_patches(lhs, rhs, strides, patch_padding, options.get("precision"))
     return _convolve(functools.partial(jax.lax.conv_general_dilated, window_strides=window_strides,
                                        padding=padding, **options), lhs, rhs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dense layers
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dense_product(precision: Any, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+def _dense_product_forward(precision, x, kernel):
+    return _dense_product(precision, x, kernel), (x, kernel)
+
+
+def _dense_product_backward(precision, residuals, g):
+    x, kernel = residuals
+    d_x = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
+    # The barrier keeps the transpose written out: XLA would otherwise fold it back into the product.
+    x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+    d_kernel = jax.lax.dot_general(x_t, g.reshape(-1, g.shape[-1]), (((1,), (0,)), ((), ())), precision=precision,
+                                   preferred_element_type=jnp.float32)
+    return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
+
+
+_dense_product.defvjp(_dense_product_forward, _dense_product_backward)
+
+
+def dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: Any = None,
+                preferred_element_type: Any = None) -> jax.Array:
+    """``jax.lax.dot_general`` (same arguments) for ``nn.Dense(dot_general=...)``: on a CPU, a Dense layer
+    whose kernel has no more rows than columns (attention's projections, GEGLU's, the MLP's first) takes
+    its kernel's gradient as xᵀ · g with xᵀ written out first. Autodiff's form, which XLA's CPU backend
+    runs without that transpose, took 160 ms for SD 1.5's [320, 2560] GEGLU kernel at 64x64, batch 2,
+    against 30, 9.2 against 5.4 ms for a [320, 320] one, and 0.25 against 0.17 ms for a [32, 64] kernel
+    on 60 × 77 rows; narrowing kernels ([1280, 320], [5120, 1280]) ran faster autodiff's way (2-core AMD
+    EPYC, session 24). The same values and gradients."""
+    dense_form = (((lhs.ndim - 1,), (0,)), ((), ()))
+    normalized = tuple(tuple(tuple(axes) for axes in pair) for pair in dimension_numbers)
+    if (jax.default_backend() == "cpu" and rhs.ndim == 2 and normalized == dense_form
+            and preferred_element_type is None and rhs.shape[0] <= rhs.shape[1]):
+        return _dense_product(precision, lhs, rhs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)

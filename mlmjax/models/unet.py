@@ -30,7 +30,7 @@ from flax import linen as nn
 
 from mlmjax.models import lean_ops
 from mlmjax.models.layers import (Attention, Downsample2D, Dtype, ResnetBlock2D, TimestepEmbedding, Upsample2D,
-                                  config_to_dict, conv, group_norm, parse_config, timestep_embedding,
+                                  config_to_dict, conv, dense, group_norm, parse_config, timestep_embedding,
                                   unsupported)
 
 _CROSS_DOWN, _PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
@@ -172,7 +172,7 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x, gate = jnp.split(nn.Dense(2 * self.features, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+        x, gate = jnp.split(dense(2 * self.features, dtype=self.dtype, name="proj")(x), 2, axis=-1)
         return x * lean_ops.gelu(gate)
 
 
@@ -184,7 +184,7 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = GEGLU(4 * x.shape[-1], dtype=self.dtype, name="net_0")(x)
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="net_2")(h)
+        return dense(x.shape[-1], dtype=self.dtype, name="net_2")(h)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -222,7 +222,7 @@ class Transformer2DModel(nn.Module):
 
         def project(name, y):
             if linear:
-                return nn.Dense(c, dtype=self.dtype, name=name)(y)
+                return dense(c, dtype=self.dtype, name=name)(y)
             return conv(c, kernel=1, dtype=self.dtype, name=name)(y)
 
         y = group_norm(self.config.norm_num_groups, 1e-6, dtype=self.dtype, name="norm")(x)
