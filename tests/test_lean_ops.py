@@ -166,6 +166,8 @@ def _text_encoder_gradient(monkeypatch, written: bool):
 
     if not written:
         monkeypatch.setattr(lean_ops, "written_gradient", lambda x: x)
+    # The Dense layers' own conditionals (lean_ops.dot_general) aside: this is about the residual stream.
+    monkeypatch.setattr(lean_ops, "dot_general", jax.lax.dot_general)
     text_encoder = pretrained.build_component("text_encoder", {**tiny.TEXT_ENCODER_CONFIG, "num_hidden_layers": 6})
     params = pretrained.init_component("text_encoder", text_encoder, 0)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 1000, (8, 77)), jnp.int32)
@@ -213,9 +215,9 @@ def test_a_square_or_widening_dense_kernel_takes_its_gradient_from_the_input_tra
         for got, want in zip(jax.tree.leaves(lean), jax.tree.leaves(reference)):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         jaxpr = str(jax.make_jaxpr(functools.partial(grads, layers.dense(width)))(params, x))
-        assert ("optimization_barrier" in jaxpr) == transposed, width
+        assert ("cond[" in jaxpr) == transposed, width
     # Other forms of product keep lax's: a batch axis, two contracted axes.
     for lhs, rhs, numbers in [(jnp.zeros((3, 4, 5)), jnp.zeros((3, 5, 7)), (((2,), (1,)), ((0,), (0,)))),
                               (jnp.zeros((4, 2, 3)), jnp.zeros((2, 3, 9)), (((1, 2), (0, 1)), ((), ())))]:
         jaxpr = str(jax.make_jaxpr(jax.grad(lambda r: jnp.sum(lean_ops.dot_general(lhs, r, numbers))))(rhs))
-        assert "optimization_barrier" not in jaxpr
+        assert "cond[" not in jaxpr

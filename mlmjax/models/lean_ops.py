@@ -75,6 +75,17 @@ def _write_out(g: jax.Array) -> tuple[jax.Array]:
 written_gradient.defvjp(lambda x: (x, None), lambda _, g: _write_out(g))
 
 
+def _once_gradient_arrives(g: jax.Array, function: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """``function(x)`` inside a conditional on g, for a backward pass on a CPU: XLA keeps it whole (written
+    out, not folded into its consumer) and cannot run it before g exists. A function of a forward
+    residual alone is otherwise free to run during the forward pass, and its result (a transposed input,
+    nine shifted copies of one) is then held through the rest of it. The branches differ (XLA inlines a
+    conditional whose branches are alike); the second runs only where g's first element is NaN, and a
+    gradient taken from g is NaN there anyway."""
+    g0 = g.reshape(-1)[0].astype(x.dtype)
+    return jax.lax.cond(g0 == g0, function, lambda v: function(v * g0), x)
+
+
 def _gelu(x: jax.Array) -> jax.Array:
     return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(_INV_SQRT2, x.dtype)))
 
@@ -252,7 +263,8 @@ def _kernel_gradient_by_patches(inputs: jax.Array, g: jax.Array, kernel: jax.Arr
                                 padding: tuple, precision: Any = None) -> jax.Array:
     """The kernel gradient of an NHWC/HWIO convolution, patchesᵀ · g summed over images and positions (in
     float32 whatever the compute dtype, as the convolution accumulates)."""
-    patches = _gather_patches(inputs, kernel.shape[:2], tuple(window_strides), padding)
+    patches = _once_gradient_arrives(
+        g, lambda x: _gather_patches(x, kernel.shape[:2], tuple(window_strides), padding), inputs)
     product = jax.lax.dot_general(patches, g, (((0, 1, 2), (0, 1, 2)), ((), ())), precision=precision,
                                   preferred_element_type=jnp.float32)
     return product.reshape(kernel.shape).astype(kernel.dtype)
@@ -287,8 +299,8 @@ def _dense_product_forward(precision, x, kernel):
 def _dense_product_backward(precision, residuals, g):
     x, kernel = residuals
     d_x = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
-    # The barrier keeps the transpose written out: XLA would otherwise fold it back into the product.
-    x_t = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+    # Written out (XLA would fold the transpose back into the product) once g arrives.
+    x_t = _once_gradient_arrives(g, lambda v: v.reshape(-1, v.shape[-1]).T, x)
     d_kernel = jax.lax.dot_general(x_t, g.reshape(-1, g.shape[-1]), (((1,), (0,)), ((), ())), precision=precision,
                                    preferred_element_type=jnp.float32)
     return d_x.astype(x.dtype), d_kernel.astype(kernel.dtype)
