@@ -17,7 +17,8 @@ functions; gradients agree to float rounding (``tests/test_lean_ops.py``).
 On a CPU, where a stride-1 convolution's kernel outnumbers its incoming gradient, its input gradient
 leaves the kernel's taps in place and flips positions instead, which XLA's CPU backend arranges 2-4×
 faster (:func:`_input_gradient_by_flips`), and where it outnumbers the incoming gradient eightfold its
-own gradient is one product over the input's patches (:func:`_kernel_gradient_by_patches`). And
+own gradient is one product over the input's patches (:func:`_kernel_gradient_by_patches`); a square or
+widening Dense kernel's gradient reads its input transposed once (:func:`dot_general`). And
 :func:`written_gradient` keeps XLA's CPU backend from recomputing a transformer's residual-stream gradient
 inside every block's weight gradient.
 
