@@ -80,9 +80,9 @@ def _once_gradient_arrives(g: jax.Array, function: Callable[[jax.Array], jax.Arr
     """``function(x)`` inside a conditional on g, for a backward pass on a CPU: XLA keeps it whole (written
     out, not folded into its consumer) and cannot run it before g exists. A function of a forward
     residual alone is otherwise free to run during the forward pass, and its result (a transposed input,
-    nine shifted copies of one) is then held through the rest of it. The branches differ (XLA inlines a
-    conditional whose branches are alike); the second runs only where g's first element is NaN, and a
-    gradient taken from g is NaN there anyway."""
+    nine shifted copies of one) is then held through the rest of it. The branches differ, as
+    :func:`written_gradient`'s must (XLA may inline a conditional whose branches are alike); the second
+    runs only where g's first element is NaN, and a gradient taken from g is NaN there anyway."""
     g0 = g.reshape(-1)[0].astype(x.dtype)
     return jax.lax.cond(g0 == g0, function, lambda v: function(v * g0), x)
 
@@ -134,6 +134,13 @@ def _plain_cpu_padding(lhs: jax.Array, rhs: jax.Array, window_strides: tuple, pa
     return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
+def _convolution_cpu_padding(convolution: functools.partial, inputs: jax.Array, kernel: jax.Array) -> tuple | None:
+    """:func:`_plain_cpu_padding` of the convolution a ``_convolve`` partial makes."""
+    options = dict(convolution.keywords)
+    strides = tuple(options.pop("window_strides"))
+    return _plain_cpu_padding(inputs, kernel, strides, options.pop("padding"), options)
+
+
 def _flip_form_padding(convolution: functools.partial, inputs: jax.Array, kernel: jax.Array, g: jax.Array):
     """The explicit padding of a convolution whose input gradient :func:`_input_gradient_by_flips` makes:
     stride 1, more kernel elements than g has, and :func:`_plain_cpu_padding`'s conditions. None for
@@ -142,11 +149,9 @@ def _flip_form_padding(convolution: functools.partial, inputs: jax.Array, kernel
     Flipping g and the result pays where the kernel is the larger (low resolutions, many channels), on a
     CPU: a GPU's conditional would wait for its predicate on the host, and XLA's GPU and TPU convolutions
     take a flipped kernel as it comes."""
-    options = dict(convolution.keywords)
-    strides = tuple(options.pop("window_strides"))
-    if strides != (1, 1) or kernel.size <= g.size:
+    if tuple(convolution.keywords["window_strides"]) != (1, 1) or kernel.size <= g.size:
         return None
-    return _plain_cpu_padding(inputs, kernel, strides, options.pop("padding"), options)
+    return _convolution_cpu_padding(convolution, inputs, kernel)
 
 
 def _input_gradient_by_flips(convolution: functools.partial, g: jax.Array, kernel: jax.Array,
@@ -255,9 +260,7 @@ def _patch_gradient_padding(convolution: functools.partial, inputs: jax.Array, k
     other."""
     if kernel.size < max(PATCH_GRADIENT_RATIO * g.size, PATCH_GRADIENT_MIN_KERNEL):
         return None
-    options = dict(convolution.keywords)
-    strides = tuple(options.pop("window_strides"))
-    return _plain_cpu_padding(inputs, kernel, strides, options.pop("padding"), options)
+    return _convolution_cpu_padding(convolution, inputs, kernel)
 
 
 def _kernel_gradient_by_patches(inputs: jax.Array, g: jax.Array, kernel: jax.Array, window_strides: Any,
