@@ -228,6 +228,13 @@ def _without_frozen(state: Any) -> tuple[Any, Any]:
     return state.replace(frozen=None), state.frozen
 
 
+def _call_joined(step: Callable, state: Any, batch: dict, rng: jax.Array) -> tuple[Any, dict]:
+    """``step`` (jitted or compiled ``_frozen_apart``) on the whole state, its frozen weights handed back."""
+    carried, frozen = _without_frozen(state)
+    new_state, metrics = step(carried, frozen, batch, rng)
+    return new_state.replace(frozen=frozen), metrics
+
+
 def _frozen_apart(step_fn: Callable) -> Callable:
     """``step_fn(state, batch, rng)`` as ``step(state without its frozen weights, frozen, batch, rng)``,
     returning the state without them: what :func:`jit_step` compiles."""
@@ -250,9 +257,7 @@ class _JoinedExecutable:
         self._executable = executable
 
     def __call__(self, state, batch, rng):
-        carried, frozen = _without_frozen(state)
-        new_state, metrics = self._executable(carried, frozen, batch, rng)
-        return new_state.replace(frozen=frozen), metrics
+        return _call_joined(self._executable, state, batch, rng)
 
     def __getattr__(self, name: str):
         return getattr(self._executable, name)
@@ -292,9 +297,7 @@ class StepFunction:
         self._compiled: dict[tuple, aot.Compiled] = {}
 
     def __call__(self, state, batch, rng):
-        carried, frozen = _without_frozen(state)
-        new_state, metrics = self.jitted(carried, frozen, batch, rng)
-        return new_state.replace(frozen=frozen), metrics
+        return _call_joined(self.jitted, state, batch, rng)
 
     def lower(self, state, batch, rng) -> _JoinedLowered:
         return _JoinedLowered(self.jitted.lower(*_without_frozen(state), batch, rng))
