@@ -40,7 +40,9 @@ class Compiled:
     """A compiled step and its costs.
 
     Attributes:
-      executable: call it like the jitted function (same argument shapes and shardings).
+      executable: call it like the jitted function (same argument shapes and shardings): a
+        ``jax.stages.Compiled``, or for a :func:`mlmjax.sharding.jit_step` step one that passes the
+        frozen weights apart and XLA's analyses through.
       compile_seconds: wall time of lowering plus compiling (a persistent-cache hit is fast).
       flops: XLA's count for one call on one device (a sharded step's count is each device's share;
         a lowered, unpartitioned step's count is the whole step's); None where the backend gives
@@ -52,7 +54,7 @@ class Compiled:
         inputs), ``generated_code``, and ``peak_bytes`` = argument + output + temp - alias, an upper
         estimate of what one device holds while the step runs. None where the backend gives none.
     """
-    executable: jax.stages.Compiled
+    executable: Any
     compile_seconds: float
     flops: float | None
     memory: dict[str, int] | None
@@ -88,7 +90,7 @@ def flops(stage: jax.stages.Lowered | jax.stages.Compiled) -> float | None:
     return None if count is None or count < 0 else float(count)
 
 
-def _memory(executable: jax.stages.Compiled) -> dict[str, int] | None:
+def _memory(executable: Any) -> dict[str, int] | None:
     try:
         stats = executable.memory_analysis()
     except Exception:  # noqa: BLE001
