@@ -68,6 +68,9 @@ def test_a_profile_sums_the_traced_operations(compiled, tmp_path):
     ops = profiling.hlo_ops(executable.as_text())
     assert {o["name"] for o in summary["top_ops"]} <= set(ops)
     assert all(o["category"] != "container" for o in summary["top_ops"])
+    # XLA's CPU runtime tells which execution each operation belongs to: the calls' exact boundaries.
+    _, events, _ = profiling._op_events(summary["trace"], ops, profiling.module_name(executable.as_text()))
+    assert len({run for *_, run in events}) == 3 and None not in {run for *_, run in events}
     # Each step runs the loop bodies' products SCAN_LENGTH times (forward, and again in the backward pass).
     in_loop = [o for o in summary["top_ops"] if o["scope"] == "test_profiling.loss" and o["category"] == "matmul"]
     assert in_loop and all(o["calls_per_step"] == SCAN_LENGTH for o in in_loop)
@@ -136,3 +139,19 @@ def test_operations_without_a_source_in_a_loop_take_the_loops_scope():
     # Outside every loop, what XLA made without a source stays unattributed.
     assert ops["copy.3"].scope == profiling.UNATTRIBUTED
     assert ops["while.9"].category == "container"
+
+
+def test_a_calls_last_operation_is_not_charged_the_gap_to_the_next_call():
+    ops = {name: profiling.HloOp("fusion", "elementwise", "Net forward", "Net forward") for name in "abc"}
+    # Two calls 10 ms apart whose first operations differ ("a" then "b": the runtime's two threads start
+    # a step with either), each operation 1 ms long, the next starting 0.5 ms after one ends.
+    events = [("a", 0.0, 1.0, 7), ("b", 1.5, 1.0, 7), ("c", 3.0, 1.0, 7),
+              ("b", 13.0, 1.0, 8), ("a", 14.5, 1.0, 8), ("c", 16.0, 1.0, 8)]
+    charges = profiling._charges("host", events, ops)
+    assert charges == [("a", 1.5), ("b", 1.5), ("c", 1.0), ("b", 1.5), ("a", 1.5), ("c", 1.0)]
+    # Without run ids a call starts where the first operation traced starts again: here that misses
+    # the second call's start ("b"), charging "c" the 10 ms between the calls, and cuts it before "a".
+    charges = profiling._charges("host", [(name, start, ms, None) for name, start, ms, _ in events], ops)
+    assert charges == [("a", 1.5), ("b", 1.5), ("c", 10.0), ("b", 1.0), ("a", 1.5), ("c", 1.0)]
+    # On a device each kernel is charged its own duration.
+    assert profiling._charges("device", events, ops) == [(name, 1.0) for name, *_ in events]
