@@ -11,8 +11,9 @@ gives the same losses on any mesh (``jax_threefry_partitionable``, on by default
 bits do not depend on how an array is sharded).
 
 A batch's rows go over ``("data", "fsdp")``. A batch that does not divide that many devices, like the
-paper's MLM batch of 25 prompts, is replicated instead: each device computes it whole, the result is
-the same, and the step still runs.
+paper's MLM batch of 25 prompts, is fed replicated instead, and the step splits its rows over the
+devices unevenly (:func:`split_rows`; XLA pads the last share), so each device still computes its part
+of the MLM branch rather than all of it.
 """
 
 from __future__ import annotations
@@ -224,6 +225,15 @@ def _signature(tree: Any) -> tuple:
     return jax.tree.structure(tree), tuple(leaf(x) for x in jax.tree.leaves(tree))
 
 
+def split_rows(x: jax.Array) -> jax.Array:
+    """``x`` with its rows (leading axis) split over the batch axes of the mesh the step is traced
+    under (:func:`jit_step` traces under its mesh), evenly or not; unchanged outside any mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))
+
+
 def _without_frozen(state: Any) -> tuple[Any, Any]:
     return state.replace(frozen=None), state.frozen
 
@@ -235,11 +245,12 @@ def _call_joined(step: Callable, state: Any, batch: dict, rng: jax.Array) -> tup
     return new_state.replace(frozen=frozen), metrics
 
 
-def _frozen_apart(step_fn: Callable) -> Callable:
+def _frozen_apart(step_fn: Callable, mesh: Mesh) -> Callable:
     """``step_fn(state, batch, rng)`` as ``step(state without its frozen weights, frozen, batch, rng)``,
     returning the state without them: what :func:`jit_step` compiles."""
     def step(carried, frozen, batch, rng):
-        state, metrics = step_fn(carried.replace(frozen=frozen), batch, rng)
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            state, metrics = step_fn(carried.replace(frozen=frozen), batch, rng)
         # Identity of the traced leaves: the step must hand the frozen weights back as it got them.
         if jax.tree.structure(state.frozen) != jax.tree.structure(frozen) or any(
                 new is not old for new, old in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(frozen))):
@@ -333,6 +344,6 @@ def jit_step(step_fn: Any, state: Any, mesh: Mesh) -> StepFunction:
     key = (step_fn, mesh, jax.tree.structure(state), tuple(jax.tree.leaves(layout)))
     if key not in _JITTED:
         carried = _without_frozen(state)[0]
-        _JITTED[key] = StepFunction(jax.jit(_frozen_apart(step_fn), donate_argnums=0,
+        _JITTED[key] = StepFunction(jax.jit(_frozen_apart(step_fn, mesh), donate_argnums=0,
                                             out_shardings=(state_shardings(carried, mesh), replicated(mesh))))
     return _JITTED[key]

@@ -139,6 +139,7 @@ def _diffusion_losses(spec: StepSpec, params: dict, batch: dict, rng: jax.Array)
         mean = jnp.concatenate([mean, batch["prior_latent_mean"]])
         logvar = jnp.concatenate([logvar, batch["prior_latent_logvar"]])
         ids = jnp.concatenate([ids, batch["prior_input_ids"]])
+    mean, logvar, ids = (sharding.split_rows(x) for x in (mean, logvar, ids))
     schedule = spec.noise_schedule
     draws = diffusion_draws(rng, mean.shape, schedule.num_train_timesteps)
     mean = mean.astype(jnp.float32)
@@ -154,10 +155,11 @@ def _diffusion_losses(spec: StepSpec, params: dict, batch: dict, rng: jax.Array)
 
 def mlm_loss(spec: StepSpec, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
     """Cross-entropy of the frozen contextualizer at the masked tokens of the context prompts."""
-    hidden = _encode(spec, params, batch["mlm_input_ids"])
+    hidden = _encode(spec, params, sharding.split_rows(batch["mlm_input_ids"]))
     variables = {"params": params["mlm"]["contextualizer"]}
     features = spec.contextualizer.apply(variables, hidden, method=Contextualizer.encode)
     selected, positions, valid = mlm.gather_masked(features, batch["mlm_mask"], spec.max_masked)
+    selected, positions, valid = (sharding.split_rows(x) for x in (selected, positions, valid))
     kernel, bias = spec.contextualizer.apply(variables, method=Contextualizer.projection)
     labels = jnp.asarray(batch["mlm_labels"]).reshape(-1)[positions]
     return mlm.customization_mlm_loss(selected, kernel, bias, labels, valid, spec.vocab_chunk)

@@ -8,10 +8,12 @@ fraction of the embedded model's time, and FSDP still has parameters to shard: t
 table, the up block's 3×3×64×32 convolution, the contextualizer's vocabulary projection.
 """
 
+import collections
 import concurrent.futures
 import dataclasses
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -77,6 +79,13 @@ def placement(state, mesh) -> dict:
     }
 
 
+def collective_count(hlo_text: str) -> dict[str, int]:
+    """The compiled step's collectives by kind (an async pair counted once)."""
+    found = re.findall(r"= [^=]*? (all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(",
+                       hlo_text)
+    return dict(collections.Counter(found))
+
+
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
     started = time.perf_counter()
@@ -110,6 +119,7 @@ def main() -> None:
 
     reference_state, reference = executables["reference"](initial, batch, rng)
     out["loss"] = float(reference["loss"])
+    reference_flops = executables["reference"].cost_analysis()["flops"]
     for shape in MESHES:
         state, placed, _ = runs[shape]
         new_state, metrics = executables[shape](state, placed, rng)
@@ -127,6 +137,9 @@ def main() -> None:
             "param_specs": sorted(specs), "shardings_kept": kept,
             "batch_spec": str(placed["input_ids"].sharding.spec),
             "mlm_batch_spec": str(placed["mlm_input_ids"].sharding.spec),
+            # One device's share of the step's FLOPs (XLA's count of its partitioned program).
+            "flops_share": executables[shape].cost_analysis()["flops"] / reference_flops,
+            "collectives": collective_count(executables[shape].as_text()),
         }
     out["seconds"]["total"] = time.perf_counter() - started
     print(json.dumps(out))
