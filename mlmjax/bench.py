@@ -215,8 +215,11 @@ def run(options: dict) -> dict[str, Any]:
     # with huge pages for malloc's mappings; PyTorch runs as its users run it.
     xla_env = runtime.huge_page_environment(env) or env
 
+    # config.mesh.cpu_devices for mlmjax's steps alone: the references run as their users run them.
+    jax_env = runtime.with_cpu_devices(xla_env, options.get("cpu_devices", 0))
+
     def env_for(framework: str) -> dict:
-        return env if framework == "torch" else xla_env
+        return {"torch": env, "jax": jax_env}.get(framework, xla_env)
     peaks = {}
     dtype = options["compute_dtype"]
     for framework in [f for f in options["frameworks"] if f in ("jax", "torch")]:  # diffusers-Flax is JAX
@@ -244,6 +247,7 @@ def run(options: dict) -> dict[str, Any]:
                            "configs": options["configs"], "prepare_only": "jax" not in options["frameworks"],
                            "remat": options.get("remat", False), "attention": options.get("attention", "auto"),
                            "mlm_branch": options.get("mlm_branch", False),
+                           "cpu_devices": options.get("cpu_devices", 0),
                            "profile": options.get("profile") and os.path.abspath(options["profile"])}
                 request_path = os.path.join(case_dir, REQUEST_JSON)
                 with open(request_path, "w") as f:
@@ -374,6 +378,8 @@ def define_flags() -> None:
                       "torch sees one, else the CPU")
     flags.DEFINE_string("profile", None, "JAX: also run 3 steps under the profiler after the timed ones and "
                         "report where their time goes (mlmjax.profiling); the traces go to this folder")
+    flags.DEFINE_integer("cpu_devices", 0, "JAX: split the CPU into this many devices (config.mesh.cpu_devices) "
+                         "and run each step data-parallel over them; 0: one device")
     flags.DEFINE_integer("sharded_devices", 8, "host devices (= fsdp size) of --sharded_memory")
     flags.DEFINE_float("timeout", None, "seconds each configuration's JAX or PyTorch subprocess may run; a JAX "
                        "step cut off keeps what it had measured (compiled, then timed, then its FLOPs counted)")
@@ -419,7 +425,8 @@ def main(argv: list[str]) -> None:
                "mlm": [m == "on" for m in _split(f.mlm, ("on", "off"), "mlm")],
                "size": f.size, "repeats": f.repeats, "warmup": f.warmup, "frameworks": frameworks,
                "compute_dtype": f.compute_dtype, "configs": f.configs, "sharded_memory": f.sharded_memory,
-               "sharded_devices": f.sharded_devices, "compilation_cache": f.compilation_cache,
+               "sharded_devices": f.sharded_devices, "cpu_devices": f.cpu_devices,
+               "compilation_cache": f.compilation_cache,
                "torch_threads": f.torch_threads, "compile_only": f.compile_only, "remat": f.remat,
                "peak_repeats": f.peak_repeats, "attention": f.attention, "torch_device": f.torch_device,
                "timeout": f.timeout, "profile": f.profile, "diffusers_flax_python": f.diffusers_flax_python,

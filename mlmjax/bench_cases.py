@@ -368,8 +368,11 @@ def run_jax_case(request: dict, case_dir: str, partial: str | None = None) -> di
     row["trainable_params"] = trainable.count(state.params)
     row["attention"] = request.get("attention", "auto")
     row["device_kind"] = jax.devices()[0].device_kind
-    # Jitted as the trainer jits it (one device here); the batch is put on the device once.
-    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    # Jitted as the trainer jits it, on one device or data-parallel over the CPU's devices
+    # (config.mesh.cpu_devices); the batch is put on the devices once.
+    devices = max(1, request.get("cpu_devices", 0))
+    row["cpu_devices"] = devices
+    mesh = sharding.make_mesh({"data": devices, "fsdp": 1, "tensor": 1}, jax.devices()[:devices])
     state = sharding.shard_state(state, mesh)
     device_batch = sharding.shard_batch(batch, mesh)
     jitted = sharding.jit_step(train_step_lib.train_step, state, mesh)

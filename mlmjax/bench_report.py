@@ -207,7 +207,8 @@ def markdown(result: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(references) + "---|"]
         empty = "|" * (8 + len(references))
         for r in result["rows"]:
-            head = f"| {r['size']} | {r['method']} | {'on' if r['mlm'] else 'off'} | {r['framework']} |"
+            devices = f" ({r['cpu_devices']} CPU devices)" if r.get("cpu_devices", 1) > 1 else ""
+            head = f"| {r['size']} | {r['method']} | {'on' if r['mlm'] else 'off'} | {r['framework']}{devices} |"
             if r.get("error"):
                 compiled = (f" (compiled: {fmt(r.get('compile_s'), '.0f')} s, {fmt(r.get('flops'), '.3g', 1e9)} "
                             f"GFLOP/step, peak {fmt(r.get('peak_memory_bytes'), '.2f', 1e9)} GB)"

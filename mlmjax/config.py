@@ -86,7 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.trainable = [(CONCEPT, "train"), (r".*", "freeze")]
 
     # Devices: (data, fsdp, tensor) sizes, one -1 fills (see mlmjax/sharding.py). All data-parallel by default.
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    # cpu_devices: on a CPU, split it into this many JAX devices for the mesh (0: one), which runs a
+    # small model's data-parallel shares side by side on the cores (README, "Devices and sharding").
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "cpu_devices": 0})
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 500  # steps between checkpoints (async); one is always saved at the end. 0: only at the end

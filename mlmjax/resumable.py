@@ -70,8 +70,8 @@ def _compile(step_fn: Callable, state: Any, batches: Iterator[dict], rng: jax.Ar
     first = next(batches)
     reused = jitted.has_compiled(state, first, rng)
     compiled = jitted.compile(state, first, rng)
-    print(f"train step: {'reusing the executable ' if reused else ''}{compiled.describe()}", file=sys.stderr,
-          flush=True)
+    print(f"train step on {sharding.describe_mesh(mesh)}: {'reusing the executable ' if reused else ''}"
+          f"{compiled.describe()}", file=sys.stderr, flush=True)
     return compiled, itertools.chain([first], batches)
 
 

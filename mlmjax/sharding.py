@@ -60,6 +60,13 @@ def make_mesh(mesh_config: ml_collections.ConfigDict | dict, devices: list | Non
     return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
 
+def describe_mesh(mesh: Mesh) -> str:
+    """``data=2 fsdp=1 tensor=1 (2 cpu devices)``: one line a person can check."""
+    platforms = sorted({device.platform for device in mesh.devices.flat})
+    sizes = " ".join(f"{axis}={mesh.shape[axis]}" for axis in AXES)
+    return f"{sizes} ({mesh.devices.size} {'/'.join(platforms)} device{'s' if mesh.devices.size > 1 else ''})"
+
+
 def parameter_spec(shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     """Where one parameter (or optimizer moment) lives: see the module docstring."""
     spec: list[Any] = [None] * len(shape)
@@ -225,13 +232,29 @@ def _signature(tree: Any) -> tuple:
     return jax.tree.structure(tree), tuple(leaf(x) for x in jax.tree.leaves(tree))
 
 
-def split_rows(x: jax.Array) -> jax.Array:
-    """``x`` with its rows (leading axis) split over the batch axes of the mesh the step is traced
-    under (:func:`jit_step` traces under its mesh), evenly or not; unchanged outside any mesh."""
+def _traced_mesh() -> jax.sharding.AbstractMesh | None:
+    """The mesh the step is traced under (:func:`jit_step` traces under its mesh), if it has batch axes."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return None if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names) else mesh
+
+
+def batch_ways() -> int:
+    """Over how many devices the traced mesh splits a batch's rows (1 outside any mesh)."""
+    mesh = _traced_mesh()
+    return 1 if mesh is None else math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
+def split_rows(x: jax.Array, axis: int = 0) -> jax.Array:
+    """``x`` with its rows (``axis``) split over the batch axes of the traced mesh, evenly or not;
+    unchanged outside any mesh."""
+    if _traced_mesh() is None:
         return x
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*[None] * axis, BATCH_AXES))
+
+
+def whole(x: jax.Array) -> jax.Array:
+    """``x`` held whole by every device of the traced mesh; unchanged outside any mesh."""
+    return x if _traced_mesh() is None else jax.lax.with_sharding_constraint(x, PartitionSpec())
 
 
 def _without_frozen(state: Any) -> tuple[Any, Any]:

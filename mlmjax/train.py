@@ -112,6 +112,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     a checkpoint and returns. Returns the last logged metrics.
     """
     config_lib.validate(config)
+    runtime.check_cpu_devices(int(config.mesh.get("cpu_devices", 0)))
     mesh = sharding.make_mesh(config.mesh)  # a mesh that does not fit the devices is a user error too
     config = _resolve_embedded(config)
     model, concept_images = _read_inputs(config)
@@ -171,6 +172,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config and --workdir are required")
     runtime.start_command()
     try:
+        runtime.split_cpu(int(config.mesh.get("cpu_devices", 0)))  # before JAX starts its backends
         _start_distributed(flags.FLAGS)
         if config.get("method") == "contextualizer":
             pretrain_contextualizer.run(config, workdir)

@@ -19,7 +19,7 @@ Batch (host numpy or device arrays)::
 
     latent_mean, latent_logvar  [B, h, w, c]  VAE posterior moments (unscaled); sampled here
     input_ids                   [B, 77]       prompts with the concept token (id vocab_size)
-    prior_latent_mean, prior_latent_logvar, prior_input_ids   the class images (prior preservation)
+    prior_latent_mean, prior_latent_logvar, prior_input_ids   as many class images (prior preservation)
     mlm_input_ids, mlm_labels, mlm_mask       [M, 77]  masked context prompts (λ > 0)
 """
 
@@ -124,33 +124,46 @@ def text_context(spec: StepSpec, params: dict, input_ids: jax.Array) -> jax.Arra
 
 
 def diffusion_draws(rng: jax.Array, shape: tuple[int, ...], num_train_timesteps: int) -> dict[str, jax.Array]:
-    """The step's random draws for latents of ``shape`` (instance rows, then class rows): ``sample``
-    (the VAE posterior's standard normal), ``noise`` and ``timesteps``. ``rng`` is the step's key
-    (``fold_in(run key, step)``); a reference implementation replays a step from these."""
+    """The step's random draws for latents of ``shape`` (``[rows, h, w, c]``: instance rows, then class
+    rows; or ``[parts, rows, h, w, c]``, the same draws by part): ``sample`` (the VAE posterior's
+    standard normal), ``noise`` and ``timesteps`` (one per row). ``rng`` is the step's key
+    (``fold_in(run key, step)``); a reference implementation replays a step from these. With
+    ``jax_threefry_partitionable`` (jax's default) a draw depends on its flat index alone, so both
+    shapes give the same numbers, and each device makes only the rows it holds."""
     sample_rng, noise_rng, time_rng = jax.random.split(rng, 3)
     return {"sample": jax.random.normal(sample_rng, shape), "noise": jax.random.normal(noise_rng, shape),
-            "timesteps": jax.random.randint(time_rng, (shape[0],), 0, num_train_timesteps)}
+            "timesteps": jax.random.randint(time_rng, shape[:-3], 0, num_train_timesteps)}
+
+
+def _unet_rows(parts: jax.Array) -> jax.Array:
+    """``[parts, B, ...]`` (instance rows, class rows) as one UNet batch ``[parts·B, ...]`` with each
+    instance row beside its class row: a device holding rows b of every part then holds the UNet
+    rows it computes, where one part after the other would move half the rows between devices (Custom
+    Diffusion's 4 + 4 on two CPU devices: six all-to-alls and two all-gathers a step). A part that
+    does not divide the devices (DreamBooth's one image each) is held whole, and each device takes its
+    UNet rows from it (left to XLA, the draws moved between devices: six all-to-alls)."""
+    split = parts.shape[1] % sharding.batch_ways() == 0
+    parts = sharding.split_rows(parts, axis=1) if split else sharding.whole(parts)
+    return sharding.split_rows(jnp.swapaxes(parts, 0, 1).reshape(-1, *parts.shape[2:]))
 
 
 def _diffusion_losses(spec: StepSpec, params: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-example MSE of the UNet's prediction, instance images first, then class images."""
-    mean, logvar, ids = batch["latent_mean"], batch["latent_logvar"], batch["input_ids"]
+    """Per-example MSE of the UNet's prediction: the instance images', then the class images'."""
+    names = [("latent_mean", "latent_logvar", "input_ids")]
     if "prior_input_ids" in batch:  # one UNet call for both, as the reference DreamBooth trainer does
-        mean = jnp.concatenate([mean, batch["prior_latent_mean"]])
-        logvar = jnp.concatenate([logvar, batch["prior_latent_logvar"]])
-        ids = jnp.concatenate([ids, batch["prior_input_ids"]])
-    mean, logvar, ids = (sharding.split_rows(x) for x in (mean, logvar, ids))
+        names.append(("prior_latent_mean", "prior_latent_logvar", "prior_input_ids"))
+    mean, logvar, ids = (jnp.stack([batch[part[i]] for part in names]) for i in range(3))  # [parts, B, ...]
     schedule = spec.noise_schedule
     draws = diffusion_draws(rng, mean.shape, schedule.num_train_timesteps)
-    mean = mean.astype(jnp.float32)
-    latents = (mean + jnp.exp(0.5 * logvar.astype(jnp.float32)) * draws["sample"]) * spec.scaling_factor
-    noise, timesteps = draws["noise"], draws["timesteps"]
+    mean, logvar, ids, sample, noise, timesteps = (_unet_rows(x) for x in (
+        mean, logvar, ids, draws["sample"], draws["noise"], draws["timesteps"]))
+    latents = (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * sample) * spec.scaling_factor
     noisy = schedule.add_noise(latents, noise, timesteps)
     target = schedule.target(latents, noise, timesteps)
     prediction = spec.unet.apply({"params": params["unet"]}, noisy, timesteps, text_context(spec, params, ids))
     per_example = jnp.mean((prediction.astype(jnp.float32) - target) ** 2, axis=(1, 2, 3))
-    num_instance = batch["input_ids"].shape[0]
-    return per_example[:num_instance], per_example[num_instance:]
+    by_part = per_example.reshape(-1, len(names)).T  # [parts, B]
+    return by_part[0], by_part[1:].reshape(-1)
 
 
 def mlm_loss(spec: StepSpec, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:

@@ -33,7 +33,7 @@ RUN_FILE = "run.json"
 # should be able to go on with remat on or over more devices).
 # Paths may change too (a moved model or photo folder) as long as the content hashes agree.
 RESUMABLE = ("max_steps", "log_every", "checkpoint.every", "checkpoint.keep", "sample_steps", "sample_prompts",
-             "mesh.data", "mesh.fsdp", "mesh.tensor", "remat",
+             "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.cpu_devices", "remat",
              "pretrained", "concept.images", "prior.images", "mlm.contextualizer", "captions")
 
 # What a diffusers-layout folder holds that the model is made of (a safety checker or a pickled

@@ -98,3 +98,19 @@ def test_a_command_relaunches_itself_once_with_huge_pages_and_its_own_arguments(
     out = subprocess.run([sys.executable, "-c", code, "--flag=1"], env={**environment, "KEPT": "yes"},
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert out == ["start ['--flag=1']", "start ['--flag=1']", f"{runtime.HUGE_PAGES_TUNABLE} yes"]
+
+
+def test_cpu_devices_join_the_users_xla_flags_once_and_a_conflict_is_an_error():
+    from mlmjax import runtime
+
+    flag = "--xla_force_host_platform_device_count"
+    assert runtime.with_cpu_devices({"PATH": "/bin"}, 0) == {"PATH": "/bin"}  # 0: JAX's default, one device
+    assert runtime.with_cpu_devices({}, 2) == {"XLA_FLAGS": f"{flag}=2"}
+    users = {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}
+    assert runtime.with_cpu_devices(users, 4)["XLA_FLAGS"] == f"--xla_cpu_enable_fast_math=false {flag}=4"
+    assert users == {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}  # the caller's mapping is left alone
+    assert runtime.with_cpu_devices({"XLA_FLAGS": f"{flag}=2"}, 2) == {"XLA_FLAGS": f"{flag}=2"}  # never twice
+    with pytest.raises(ValueError, match=f"config.mesh.cpu_devices=2, but XLA_FLAGS has {flag}=8: drop one"):
+        runtime.with_cpu_devices({"XLA_FLAGS": f"{flag}=8"}, 2)
+    with pytest.raises(ValueError, match="config.mesh.cpu_devices=-1: give a number of CPU devices"):
+        runtime.with_cpu_devices({}, -1)

@@ -42,9 +42,27 @@ def _run(*args, cwd=ROOT):
                           timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
 
 
+def test_cpu_devices_split_the_cpu_for_a_data_parallel_step_with_the_same_losses(tmp_path):
+    """``--config.mesh.cpu_devices=2``: the step runs on two CPU devices, each with half the batch (and
+    the MLM batch of 25 split unevenly), and its losses are the one-device run's to float rounding."""
+    common = ["--config", "configs/ti.py", "--config.max_steps=2", "--config.log_every=1", "--config.sample_prompts=()"]
+    runs = {}
+    for devices in (0, 2):
+        workdir = tmp_path / f"devices{devices}"
+        result = _run(*common, "--workdir", str(workdir), f"--config.mesh.cpu_devices={devices}")
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[devices] = (result.stderr, loop.read_metrics(str(workdir)))
+    assert "train step on data=1 fsdp=1 tensor=1 (1 cpu device):" in runs[0][0]
+    assert "train step on data=2 fsdp=1 tensor=1 (2 cpu devices):" in runs[2][0]
+    for one, two in zip(runs[0][1], runs[2][1], strict=True):
+        for key in ("loss", "loss_diff", "loss_mlm", "grad_norm"):
+            assert two[key] == pytest.approx(one[key], rel=1e-5), (one["step"], key)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--config.mlm.wieght=0"], "wieght"),
     (["--config.max_steps=0"], "config.max_steps=0: must be a positive integer"),
+    (["--config.mesh.cpu_devices=-1"], "config.mesh.cpu_devices=-1: give a number of CPU devices, or 0 for one"),
     (["--config.concept.images=/nonexistent/photos"], "/nonexistent/photos: image folder not found"),
     (["--config.pretrained=/nonexistent/sd"], "/nonexistent/sd: folder not found"),
     (["--config.concept.token=dog"], "concept token 'dog' is already in the tokenizer's vocabulary"),
