@@ -11,9 +11,9 @@ gives the same losses on any mesh (``jax_threefry_partitionable``, on by default
 bits do not depend on how an array is sharded).
 
 A batch's rows go over ``("data", "fsdp")``. A batch that does not divide that many devices, like the
-paper's MLM batch of 25 prompts, is fed replicated instead, and the step splits its rows over the
-devices unevenly (:func:`split_rows`; XLA pads the last share), so each device still computes its part
-of the MLM branch rather than all of it.
+paper's MLM batch of 25 prompts, is fed replicated instead; the step pads it to a multiple of the devices
+with rows that change no loss (a prompt with no masked token) and splits it (:func:`split_rows`), so
+each device computes its part of the MLM branch rather than all of it.
 """
 
 from __future__ import annotations

@@ -166,15 +166,28 @@ def _diffusion_losses(spec: StepSpec, params: dict, batch: dict, rng: jax.Array)
     return by_part[0], by_part[1:].reshape(-1)
 
 
+def _rows_for_devices(x: jax.Array) -> jax.Array:
+    """``x``'s rows split over the devices, padded with zeros to a multiple of them: an MLM batch of 25
+    on two devices gets a 26th prompt with no masked token, which changes no loss and no gradient. Split
+    unevenly instead, the text encoder's weight gradients (Custom Diffusion trains it) gathered every
+    layer's activations onto each device: 21 all-gathers, and the step 41 → 58 ms on two CPU devices."""
+    x = jnp.asarray(x)
+    padding = -x.shape[0] % sharding.batch_ways()
+    if padding:
+        x = jnp.concatenate([x, jnp.zeros((padding, *x.shape[1:]), x.dtype)])
+    return sharding.split_rows(x)
+
+
 def mlm_loss(spec: StepSpec, params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
     """Cross-entropy of the frozen contextualizer at the masked tokens of the context prompts."""
-    hidden = _encode(spec, params, sharding.split_rows(batch["mlm_input_ids"]))
+    input_ids, mask, labels = (_rows_for_devices(batch[name]) for name in ("mlm_input_ids", "mlm_mask", "mlm_labels"))
+    hidden = _encode(spec, params, input_ids)
     variables = {"params": params["mlm"]["contextualizer"]}
     features = spec.contextualizer.apply(variables, hidden, method=Contextualizer.encode)
-    selected, positions, valid = mlm.gather_masked(features, batch["mlm_mask"], spec.max_masked)
+    selected, positions, valid = mlm.gather_masked(features, mask, spec.max_masked)
     selected, positions, valid = (sharding.split_rows(x) for x in (selected, positions, valid))
     kernel, bias = spec.contextualizer.apply(variables, method=Contextualizer.projection)
-    labels = jnp.asarray(batch["mlm_labels"]).reshape(-1)[positions]
+    labels = labels.reshape(-1)[positions]
     return mlm.customization_mlm_loss(selected, kernel, bias, labels, valid, spec.vocab_chunk)
 
 

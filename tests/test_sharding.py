@@ -60,7 +60,7 @@ def test_parameter_specs_follow_the_mesh():
 
 def test_a_step_on_three_meshes_equals_the_single_device_step():
     """DreamBooth + MLM on a smaller tiny model (UNet, text encoder and token trained; batch 8 over the
-    devices, the MLM batch of 25 fed whole and split unevenly inside the step), created straight into
+    devices, the MLM batch of 25 fed whole, padded and split inside the step), created straight into
     its FSDP shardings, then one step, fp32: loss and updated parameters within 1e-5 of one device on
     three meshes, each device doing its share of the work."""
     env = dict(os.environ, JAX_PLATFORMS="cpu",
