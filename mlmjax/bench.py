@@ -7,6 +7,7 @@ and without MLM.
     python -m mlmjax.bench --size sd15 --compile_only --methods ti --mlm off   # XLA's memory, no weights
     python -m mlmjax.bench --sharded_memory --methods dreambooth --mlm off --framework none   # fsdp=8 memory
     python -m mlmjax.bench --size sd15 --methods dreambooth --compute_dtype bfloat16 --repeats 10   # on a GPU: MFU
+    python -m mlmjax.bench --methods ti,xti --cpu_devices 2   # JAX data-parallel over the CPU as 2 devices
     python -m mlmjax.bench --framework jax,torch,diffusers_flax \
         --diffusers_flax_python /tmp/mlmjax-diffusers-flax/bin/python   # launch/diffusers_flax_env.sh makes it
 
