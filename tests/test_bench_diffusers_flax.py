@@ -8,6 +8,7 @@ Nothing here asserts a speed.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -137,9 +138,11 @@ def test_the_benchmark_times_diffusers_flax_beside_mlmjax(tmp_path):
     assert set(flax_row["first_loss"]) == {"loss", "loss_diff", "loss_mlm"}
     assert flax_row["loss_rel_error"] < 1e-4, (jax_row["first_loss"], flax_row["first_loss"])
     assert "own text encoding" in rows["xti", "diffusers_flax"]["unsupported"]
-    # --mlm_branch: the MLM branch alone, compiled on its own, in both frameworks.
+    # --mlm_branch: the MLM branch alone, compiled on its own, in both frameworks. Timed, never compared
+    # with the step here: a test does not fail on wall time (under CI's parallel workers one branch of
+    # TI + MLM took 48 ms against its whole step's 42).
     for row in (jax_row, flax_row, rows["xti", "jax"]):
-        assert len(row["mlm_branch_times_s"]) == 2 and 0 < min(row["mlm_branch_times_s"]) < max(row["times_s"])
+        assert len(row["mlm_branch_times_s"]) == 2 and all(0 < t < math.inf for t in row["mlm_branch_times_s"])
     assert "| tiny | ti | on | diffusers_flax |" in proc.stdout and "JAX/diffusers-Flax time" in proc.stdout
 
 
