@@ -136,9 +136,9 @@ def split_cpu(devices: int) -> None:
     """Gives this process's CPU ``devices`` JAX devices (:func:`with_cpu_devices`), so that a mesh's
     data-parallel shares run side by side on its cores, each device's operations a fraction of the
     whole batch's. Takes effect only before JAX starts its backends (a command's main calls it first):
-    on 2 cores the tiny TI step took 11.8 ms on two devices against 15.1 on one; a step whose
-    batch halves little (DreamBooth's one instance and one class image) pays the gradients' all-reduce
-    and gains nothing (README, "Devices and sharding")."""
+    on 2 cores the tiny TI step took 11.1 ms on two devices against 15.4 on one (session 26); a step
+    whose batch halves little (DreamBooth's one instance and one class image) pays the gradients'
+    all-reduce and gains nothing (README, "Devices and sharding")."""
     os.environ.update(with_cpu_devices(dict(os.environ), devices))
 
 

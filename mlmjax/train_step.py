@@ -170,7 +170,7 @@ def _rows_for_devices(x: jax.Array) -> jax.Array:
     """``x``'s rows split over the devices, padded with zeros to a multiple of them: an MLM batch of 25
     on two devices gets a 26th prompt with no masked token, which changes no loss and no gradient. Split
     unevenly instead, the text encoder's weight gradients (Custom Diffusion trains it) gathered every
-    layer's activations onto each device: 21 all-gathers, and the step 41 → 58 ms on two CPU devices."""
+    layer's activations onto each device: 21 all-gathers a step on two CPU devices."""
     x = jnp.asarray(x)
     padding = -x.shape[0] % sharding.batch_ways()
     if padding:
