@@ -106,12 +106,20 @@ def extra_embeddings(params: dict) -> jax.Array:
 
 
 def _encode(spec: StepSpec, params: dict, input_ids: jax.Array, token_offset: int | jax.Array = 0) -> jax.Array:
-    """CLIP text features with the concept token spliced in; ``token_offset`` picks XTI's k-th token."""
+    """CLIP text features with the concept token spliced in; ``token_offset`` picks XTI's k-th token.
+
+    Every device looks up every row's tokens and keeps its own rows: the lookup's gradient then lands
+    in the vocabulary table whole on each device, from the rows' gradients gathered (B × L × D),
+    where a lookup by the rows' own devices would sum the table's gradient over them (Custom Diffusion
+    and DreamBooth train the table: a 49408-row all-reduce a step, per lookup; tiny Custom Diffusion on
+    two CPU devices took 30.0 ms a step with it, 23.7 without, one device 28.3).
+    """
     vocab = spec.text_encoder.config.vocab_size
-    ids = jnp.where(input_ids == vocab, vocab + token_offset, input_ids)
+    ids = sharding.whole(input_ids)
+    ids = jnp.where(ids == vocab, vocab + token_offset, ids)
     variables = {"params": params["text_encoder"]}
     embeds = spec.text_encoder.apply(variables, ids, extra_embeddings(params), method=CLIPTextModel.embed)
-    return spec.text_encoder.apply(variables, ids, inputs_embeds=embeds)
+    return spec.text_encoder.apply(variables, None, inputs_embeds=sharding.split_rows(sharding.whole(embeds)))
 
 
 def text_context(spec: StepSpec, params: dict, input_ids: jax.Array) -> jax.Array:

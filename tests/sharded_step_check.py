@@ -12,6 +12,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -86,6 +87,17 @@ def collective_count(hlo_text: str) -> dict[str, int]:
     return dict(collections.Counter(found))
 
 
+def all_reduced_elements(hlo_text: str) -> int:
+    """How many array elements the compiled step's all-reduces sum over the devices (async pairs once)."""
+    total = 0
+    for line in hlo_text.splitlines():
+        head = re.match(r"\s*%\S+ = (.*?) all-reduce(?:-start)?\(", line)
+        if head:
+            total += sum(math.prod(int(d) for d in dims.split(",") if d)
+                         for dims in re.findall(r"[a-z]+[0-9]*\[([0-9,]*)\]", head.group(1)))
+    return total
+
+
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
     started = time.perf_counter()
@@ -119,6 +131,7 @@ def main() -> None:
 
     reference_state, reference = executables["reference"](initial, batch, rng)
     out["loss"] = float(reference["loss"])
+    out["token_table_elements"] = int(initial.params["text_encoder"]["embeddings"]["token_embedding"]["embedding"].size)
     reference_flops = executables["reference"].cost_analysis()["flops"]
     for shape in MESHES:
         state, placed, _ = runs[shape]
@@ -140,6 +153,7 @@ def main() -> None:
             # One device's share of the step's FLOPs (XLA's count of its partitioned program).
             "flops_share": executables[shape].cost_analysis()["flops"] / reference_flops,
             "collectives": collective_count(executables[shape].as_text()),
+            "all_reduced_elements": all_reduced_elements(executables[shape].as_text()),
         }
     out["seconds"]["total"] = time.perf_counter() - started
     print(json.dumps(out))
