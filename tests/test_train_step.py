@@ -115,6 +115,32 @@ def test_mlm_gradient_reaches_only_the_text_side(pictures, contextualizer_dir):
     assert np.asarray(grads["concept"]["embeddings"]).any()
 
 
+def test_one_text_encoder_pass_equals_a_pass_per_prompt_batch(pictures, contextualizer_dir):
+    """The step encodes the UNet's prompts and the MLM prompts in one pass (``_encode_together``):
+    losses and gradients equal those of a pass per batch, the UNet's and the MLM loss's own."""
+    setup = build(load_config("dreambooth"), pictures, contextualizer_dir)
+    state, batch, rng = setup.state, setup.make_batch(0), jax.random.key(5)
+
+    def apart(params):
+        merged = trainable.merge(params, state.frozen)
+        rows = train_step_lib._unet_batch(state.spec, batch, rng)
+        context = train_step_lib.text_context(state.spec, merged, rows["input_ids"])
+        instance, prior = train_step_lib._diffusion_losses(state.spec, merged, rows, context)
+        mlm = train_step_lib.mlm_loss(state.spec, merged, batch)[0]
+        return instance.mean() + state.spec.prior_weight * prior.mean() + state.spec.mlm_weight * mlm, mlm
+
+    def together(params):
+        loss, metrics = train_step_lib.loss_fn(params, state.frozen, state.spec, batch, rng)
+        return loss, metrics["loss_mlm"]
+
+    (loss, mlm), grads = jax.jit(jax.value_and_grad(together, has_aux=True))(state.params)
+    (expected_loss, expected_mlm), expected = jax.jit(jax.value_and_grad(apart, has_aux=True))(state.params)
+    assert float(mlm) > 0 and float(mlm) == pytest.approx(float(expected_mlm), rel=1e-6)
+    assert float(loss) == pytest.approx(float(expected_loss), rel=1e-6)
+    for ours, theirs in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-7)
+
+
 def test_lambda_zero_is_the_plain_baseline_without_the_mlm_branch(pictures, contextualizer_dir):
     with_mlm = build(load_config("ti"), pictures, contextualizer_dir)
     config = load_config("ti")
