@@ -179,16 +179,14 @@ def _diffusion_losses(spec: StepSpec, params: dict, rows: dict, context: jax.Arr
     return by_part[0], by_part[1:].reshape(-1)
 
 
-def _rows_for_devices(x: jax.Array) -> jax.Array:
-    """``x``'s rows split over the devices, padded with zeros to a multiple of them: an MLM batch of 25
-    on two devices gets a 26th prompt with no masked token, which changes no loss and no gradient. Split
-    unevenly instead, the text encoder's weight gradients (Custom Diffusion trains it) gathered every
-    layer's activations onto each device: 21 all-gathers a step on two CPU devices."""
+def _padded_for_devices(x: jax.Array) -> jax.Array:
+    """``x`` with zero rows added up to a multiple of the devices: an MLM batch of 25 on two devices
+    gets a 26th prompt with no masked token, which changes no loss and no gradient. Split unevenly
+    instead, the text encoder's weight gradients (Custom Diffusion trains it) gathered every layer's
+    activations onto each device: 21 all-gathers a step on two CPU devices."""
     x = jnp.asarray(x)
     padding = -x.shape[0] % sharding.batch_ways()
-    if padding:
-        x = jnp.concatenate([x, jnp.zeros((padding, *x.shape[1:]), x.dtype)])
-    return sharding.split_rows(x)
+    return jnp.concatenate([x, jnp.zeros((padding, *x.shape[1:]), x.dtype)]) if padding else x
 
 
 def _by_device(x: jax.Array) -> jax.Array:
@@ -210,8 +208,11 @@ def _encode_together(spec: StepSpec, params: dict, *input_ids: jax.Array) -> lis
 
 
 def _mlm_rows(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The MLM prompts' ``input_ids``, ``mask`` and ``labels``, padded and split over the devices."""
-    return tuple(_rows_for_devices(batch[name]) for name in ("mlm_input_ids", "mlm_mask", "mlm_labels"))
+    """The MLM prompts' ``input_ids`` (split over the devices), ``mask`` and ``labels`` (whole on every
+    device: each finds every masked position itself, where from split masks the positions took seven
+    collectives), padded to a multiple of the devices."""
+    ids, mask, labels = (_padded_for_devices(batch[name]) for name in ("mlm_input_ids", "mlm_mask", "mlm_labels"))
+    return sharding.split_rows(ids), sharding.whole(mask), sharding.whole(labels)
 
 
 def _mlm_loss_of_features(spec: StepSpec, params: dict, hidden: jax.Array, mask: jax.Array,

@@ -44,7 +44,7 @@ def _run(*args, cwd=ROOT):
 
 def test_cpu_devices_split_the_cpu_for_a_data_parallel_step_with_the_same_losses(tmp_path):
     """``--config.mesh.cpu_devices=2``: the step runs on two CPU devices, each with half the batch (and
-    the MLM batch of 25 split unevenly), and its losses are the one-device run's to float rounding."""
+    the MLM batch of 25 padded to 26 and split), and its losses are the one-device run's to float rounding."""
     common = ["--config", "configs/ti.py", "--config.max_steps=2", "--config.log_every=1", "--config.sample_prompts=()"]
     runs = {}
     for devices in (0, 2):
