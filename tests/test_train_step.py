@@ -3,6 +3,7 @@
 import dataclasses
 import importlib.util
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -139,6 +140,18 @@ def test_one_text_encoder_pass_equals_a_pass_per_prompt_batch(pictures, contextu
     assert float(loss) == pytest.approx(float(expected_loss), rel=1e-6)
     for ours, theirs in zip(jax.tree.leaves(grads), jax.tree.leaves(expected)):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("width, layers, unet_rows, xti, shared", [
+    (32, 2, 8, False, True),  # the tiny model: 26 × 77 × 32 × 2 floats, 0.5 MB
+    (768, 12, 2, False, False),  # SD 1.5: 71 MB, and 1.0-1.2 GiB more peak memory when shared
+    (32, 2, 8, True, False),  # XTI/P+: a pass per concept token
+])
+def test_prompt_batches_share_a_text_encoder_pass_only_when_small(width, layers, unet_rows, xti, shared):
+    text = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=width, num_hidden_layers=layers))
+    spec = types.SimpleNamespace(text_encoder=text, layer_tokens=(0, 1) if xti else None)
+    unet_ids, mlm_ids = jnp.zeros((unet_rows, 77), jnp.int32), jnp.zeros((26, 77), jnp.int32)
+    assert train_step_lib._shares_a_pass(spec, unet_ids, mlm_ids) is shared
 
 
 def test_lambda_zero_is_the_plain_baseline_without_the_mlm_branch(pictures, contextualizer_dir):
