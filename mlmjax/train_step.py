@@ -209,14 +209,15 @@ def _encode_together(spec: StepSpec, params: dict, *input_ids: jax.Array) -> lis
 
 def _mlm_rows(batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The MLM prompts' ``input_ids`` (split over the devices), ``mask`` and ``labels`` (whole on every
-    device: each finds every masked position itself, where from split masks the positions took seven
-    collectives), padded to a multiple of the devices."""
+    device, so each finds every masked position itself: from split masks, Custom Diffusion + MLM on two
+    CPU devices made 11 collectives a step, 8 now), padded to a multiple of the devices."""
     ids, mask, labels = (_padded_for_devices(batch[name]) for name in ("mlm_input_ids", "mlm_mask", "mlm_labels"))
     return sharding.split_rows(ids), sharding.whole(mask), sharding.whole(labels)
 
 
 def _mlm_loss_of_features(spec: StepSpec, params: dict, hidden: jax.Array, mask: jax.Array,
                           labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`mlm_loss` from the MLM prompts' text features ``hidden`` (and their :func:`_mlm_rows`)."""
     variables = {"params": params["mlm"]["contextualizer"]}
     features = spec.contextualizer.apply(variables, hidden, method=Contextualizer.encode)
     selected, positions, valid = mlm.gather_masked(features, mask, spec.max_masked)
