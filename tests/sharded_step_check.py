@@ -135,6 +135,7 @@ def main() -> None:
     reference_flops = executables["reference"].cost_analysis()["flops"]
     for shape in MESHES:
         state, placed, _ = runs[shape]
+        hlo_text = executables[shape].as_text()
         new_state, metrics = executables[shape](state, placed, rng)
         specs = {str(leaf.sharding.spec) for leaf in jax.tree.leaves(new_state.params)}
         mesh = placed["input_ids"].sharding.mesh
@@ -152,8 +153,8 @@ def main() -> None:
             "mlm_batch_spec": str(placed["mlm_input_ids"].sharding.spec),
             # One device's share of the step's FLOPs (XLA's count of its partitioned program).
             "flops_share": executables[shape].cost_analysis()["flops"] / reference_flops,
-            "collectives": collective_count(executables[shape].as_text()),
-            "all_reduced_elements": all_reduced_elements(executables[shape].as_text()),
+            "collectives": collective_count(hlo_text),
+            "all_reduced_elements": all_reduced_elements(hlo_text),
         }
     out["seconds"]["total"] = time.perf_counter() - started
     print(json.dumps(out))
