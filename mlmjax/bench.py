@@ -7,7 +7,7 @@ and without MLM.
     python -m mlmjax.bench --size sd15 --compile_only --methods ti --mlm off   # XLA's memory, no weights
     python -m mlmjax.bench --sharded_memory --methods dreambooth --mlm off --framework none   # fsdp=8 memory
     python -m mlmjax.bench --size sd15 --methods dreambooth --compute_dtype bfloat16 --repeats 10   # on a GPU: MFU
-    python -m mlmjax.bench --methods ti,xti --cpu_devices 2   # JAX data-parallel over the CPU as 2 devices
+    python -m mlmjax.bench --methods ti,xti --cpu_devices 2   # JAX steps data-parallel over the CPU as 2 devices
     python -m mlmjax.bench --framework jax,torch,diffusers_flax \
         --diffusers_flax_python /tmp/mlmjax-diffusers-flax/bin/python   # launch/diffusers_flax_env.sh makes it
 
@@ -155,7 +155,8 @@ def _reference_worker(framework: str, case_dir: str, options: dict) -> tuple[lis
     if framework == "torch":
         return ["-m", "mlmjax.bench_torch", *timing, *_torch_args(options)], None
     branch = ["--mlm_branch"] if options.get("mlm_branch") else []
-    return ["-m", "mlmjax.bench_diffusers_flax", *timing, *branch], options.get("diffusers_flax_python")
+    devices = [f"--cpu_devices={options['cpu_devices']}"] if options.get("cpu_devices") else []
+    return ["-m", "mlmjax.bench_diffusers_flax", *timing, *branch, *devices], options.get("diffusers_flax_python")
 
 
 def _torch_args(options: dict) -> list[str]:
@@ -216,11 +217,12 @@ def run(options: dict) -> dict[str, Any]:
     # with huge pages for malloc's mappings; PyTorch runs as its users run it.
     xla_env = runtime.huge_page_environment(env) or env
 
-    # config.mesh.cpu_devices for mlmjax's steps alone: the references run as their users run them.
+    # --cpu_devices splits the CPU for both JAX steps, mlmjax's and diffusers-Flax's (each data-parallel
+    # over the same devices); PyTorch keeps one process's threads over every core, as its users run it.
     jax_env = runtime.with_cpu_devices(xla_env, options.get("cpu_devices", 0))
 
     def env_for(framework: str) -> dict:
-        return {"torch": env, "jax": jax_env}.get(framework, xla_env)
+        return env if framework == "torch" else jax_env
     peaks = {}
     dtype = options["compute_dtype"]
     for framework in [f for f in options["frameworks"] if f in ("jax", "torch")]:  # diffusers-Flax is JAX
@@ -380,7 +382,8 @@ def define_flags() -> None:
     flags.DEFINE_string("profile", None, "JAX: also run 3 steps under the profiler after the timed ones and "
                         "report where their time goes (mlmjax.profiling); the traces go to this folder")
     flags.DEFINE_integer("cpu_devices", 0, "JAX: split the CPU into this many devices (config.mesh.cpu_devices) "
-                         "and run each step data-parallel over them; 0: one device")
+                         "and run each JAX step, mlmjax's and diffusers-Flax's, data-parallel over them (the batch "
+                         "split by rows where they divide); PyTorch keeps its threads; 0: one device")
     flags.DEFINE_integer("sharded_devices", 8, "host devices (= fsdp size) of --sharded_memory")
     flags.DEFINE_float("timeout", None, "seconds each configuration's JAX or PyTorch subprocess may run; a JAX "
                        "step cut off keeps what it had measured (compiled, then timed, then its FLOPs counted)")

@@ -261,6 +261,16 @@ class _Models:
     contextualizer_config: dict | None
     case: dict
     dtype: Any
+    mesh: Any = None
+
+
+def _rows_sharding(mesh, shape: tuple[int, ...]):
+    """An array of ``shape`` split by rows over the mesh's ``data`` axis where their count divides it,
+    else whole on every device: how a JAX user shards a batch for ``jax.jit``."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    divides = len(shape) > 0 and shape[0] % mesh.size == 0
+    return NamedSharding(mesh, PartitionSpec("data") if divides else PartitionSpec())
 
 
 def _encode(models: _Models, tree: dict, ids):
@@ -278,6 +288,7 @@ def _encode(models: _Models, tree: dict, ids):
 def _loss(models: _Models, trained: dict, frozen: dict, batch: dict, draws: dict):
     """L_diff + w_prior · L_prior + λ · CE at the masked tokens, as ``mlmjax.train_step`` and the PyTorch
     reference compute it; ``(loss, parts)``."""
+    import jax
     import jax.numpy as jnp
     from flax import traverse_util
 
@@ -288,6 +299,9 @@ def _loss(models: _Models, trained: dict, frozen: dict, batch: dict, draws: dict
         mean = jnp.concatenate([mean, batch["prior_latent_mean"]])
         logvar = jnp.concatenate([logvar, batch["prior_latent_logvar"]])
         ids = jnp.concatenate([ids, batch["prior_input_ids"]])
+    if models.mesh is not None:  # the instance and prior images together split over the devices
+        mean, logvar, ids = (jax.lax.with_sharding_constraint(rows, _rows_sharding(models.mesh, rows.shape))
+                             for rows in (mean, logvar, ids))
     latents = (mean + jnp.exp(0.5 * logvar) * draws["sample"]) * case["scaling_factor"]
     noise, timesteps = draws["noise"], draws["timesteps"]
     alpha_bar = jnp.asarray(case["alphas_cumprod"], jnp.float32)[timesteps].reshape(-1, 1, 1, 1)
@@ -360,9 +374,11 @@ class FlaxStep:
     """The reference step of one case, compiled when built; :meth:`step` runs one optimisation step and
     returns the losses."""
 
-    def __init__(self, case: dict, arrays: dict[str, np.ndarray], memory_efficient: bool, exact_gelu: bool = False):
+    def __init__(self, case: dict, arrays: dict[str, np.ndarray], memory_efficient: bool, exact_gelu: bool = False,
+                 devices: int = 1):
         import jax
         import jax.numpy as jnp
+        from jax.sharding import NamedSharding, PartitionSpec
 
         from mlmjax import aot
 
@@ -383,11 +399,21 @@ class FlaxStep:
         batch = {k.removeprefix("batch/"): np.asarray(v) for k, v in arrays.items() if k.startswith("batch/")}
         if ctx_config is not None:  # the masked positions: a fixed batch, so their count is known (no padding)
             batch["mlm_rows"], batch["mlm_columns"] = np.nonzero(batch["mlm_mask"])
-        self.batch = {k: jnp.asarray(v) for k, v in batch.items()}
-        self.models = models = _Models(unet, text_encoder, ctx_config, case, dtype)
+        # Data parallel over `devices` (the CPU split into as many, as mlmjax's step is with
+        # --cpu_devices): the weights and optimizer state whole on every device, the batch and the draws
+        # split by rows where they divide.
+        mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:devices]), ("data",)) if devices > 1 else None
+        everywhere = NamedSharding(mesh, PartitionSpec()) if mesh else jax.devices()[0]
+
+        def by_rows(rows):
+            return jax.device_put(rows, _rows_sharding(mesh, rows.shape) if mesh else everywhere)
+
+        self.batch = {k: by_rows(v) for k, v in batch.items()}
+        self.models = models = _Models(unet, text_encoder, ctx_config, case, dtype, mesh)
         optimizer = _optimizer(case)
+        trained, frozen = jax.device_put((trained, frozen), everywhere)
         self.trained, self.frozen, self.opt_state = trained, frozen, optimizer.init(trained)
-        self.first_draws = {k.removeprefix("draws/"): jnp.asarray(v) for k, v in arrays.items()
+        self.first_draws = {k.removeprefix("draws/"): by_rows(v) for k, v in arrays.items()
                             if k.startswith("draws/")}
         step = functools.partial(_train_step, models, optimizer)
         self.compiled = aot.compile_step(jax.jit(step, donate_argnums=(0, 1)), self.trained, self.opt_state,
@@ -395,7 +421,9 @@ class FlaxStep:
         rows = len(self.first_draws["timesteps"])
         draw = functools.partial(_draw, rows, batch["latent_mean"].shape[1:], len(case["alphas_cumprod"]))
         self.key = jax.random.key(case["seed"])
-        self.draw = jax.jit(draw).lower(self.key).compile()  # compiled here, not in a timed step
+        out_shardings = {k: v.sharding for k, v in self.first_draws.items()}
+        # compiled here, not in a timed step
+        self.draw = jax.jit(draw, out_shardings=out_shardings).lower(self.key).compile()
         self.calls = 0
 
     def time_mlm_branch(self, warmup: int, repeats: int) -> list[float]:
@@ -425,10 +453,10 @@ class FlaxStep:
 
 
 def run_case(case_dir: str, *, warmup: int, repeats: int, attention: str = "auto",
-             exact_gelu: bool = False, mlm_branch: bool = False) -> dict[str, Any]:
+             exact_gelu: bool = False, mlm_branch: bool = False, devices: int = 1) -> dict[str, Any]:
     """Builds the reference step of a case folder, compiles and times it: one row of the benchmark.
     ``exact_gelu`` checks the rest of the step: see ``--exact_gelu``; ``mlm_branch`` also times the MLM
-    branch alone (``mlm_branch_times_s``)."""
+    branch alone (``mlm_branch_times_s``); ``devices`` > 1 runs it data-parallel over that many devices."""
     import diffusers
     import jax
     import transformers
@@ -442,13 +470,13 @@ def run_case(case_dir: str, *, warmup: int, repeats: int, attention: str = "auto
         return {**row, "unsupported": reason}
     memory_efficient = case["size"] != "tiny" if attention == "auto" else attention == "memory_efficient"
     start = time.perf_counter()
-    step = FlaxStep(case, arrays, memory_efficient, exact_gelu)
+    step = FlaxStep(case, arrays, memory_efficient, exact_gelu, devices)
     compiled = step.compiled
     row.update(build_s=time.perf_counter() - start, compile_s=compiled.compile_seconds,
                flops_compiled=compiled.flops, memory=compiled.memory, compiler_options=compiled.compiler_options,
                peak_memory_bytes=None if compiled.memory is None else compiled.memory["peak_bytes"],
                attention="memory_efficient" if memory_efficient else "plain", exact_gelu=exact_gelu,
-               trainable_params=step.trainable_params, device_kind=jax.devices()[0].device_kind)
+               trainable_params=step.trainable_params, device_kind=jax.devices()[0].device_kind, cpu_devices=devices)
     rss_before = bench_torch.peak_rss_bytes()
     # The JAX step's first draws, then its own; FlaxStep.step waits for its losses.
     first, times = bench_torch.time_steps(step.step, warmup=warmup, repeats=repeats)
@@ -474,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
                         "JAX step's to float32 rounding")
     parser.add_argument("--mlm_branch", action="store_true",
                         help="also time the MLM branch alone (its loss and gradient), compiled on its own")
+    parser.add_argument("--cpu_devices", type=int, default=0,
+                        help="data-parallel over this many devices (XLA_FLAGS must give JAX's CPU as many); 0: one")
     parser.add_argument("--out", required=True, help="where the row's JSON is written")
     args = parser.parse_args(argv)
     # Their Flax classes warn of their deprecation on every construction, and of float16 checkpoints
@@ -483,8 +513,15 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()  # imported (by mlmjax) before the variable could count
+    import jax
+
+    devices = max(1, args.cpu_devices)
+    if devices > jax.local_device_count():
+        raise SystemExit(f"error: --cpu_devices={args.cpu_devices}, but JAX has {jax.local_device_count()} "
+                         f"device(s): start it with XLA_FLAGS=--xla_force_host_platform_device_count={devices} "
+                         "(python -m mlmjax.bench does)")
     row = run_case(args.case, warmup=max(1, args.warmup), repeats=args.repeats, attention=args.attention,
-                   exact_gelu=args.exact_gelu, mlm_branch=args.mlm_branch)
+                   exact_gelu=args.exact_gelu, mlm_branch=args.mlm_branch, devices=devices)
     with open(args.out, "w") as f:
         json.dump(row, f)
 

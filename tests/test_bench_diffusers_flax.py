@@ -164,3 +164,29 @@ def test_with_the_exact_gelu_diffusers_flax_makes_mlmjaxs_first_step(tmp_path):
     assert set(flax_row["first_loss"]) == {"loss", "loss_diff", "loss_prior", "loss_mlm"}
     for part, value in jax_row["first_loss"].items():
         assert flax_row["first_loss"][part] == pytest.approx(value, rel=2e-5), part
+
+    # --cpu_devices 2 (what `mlmjax.bench --cpu_devices 2` gives it): the same step data-parallel, the
+    # instance and class image on a device each. The 25 MLM prompts do not divide 2 and stay whole, so
+    # each device computes 77% of the step's FLOPs (100% if nothing were split).
+    split_env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    split_row, error = bench._worker(["-m", "mlmjax.bench_diffusers_flax", f"--case={tmp_path}", "--warmup=1",
+                                      "--repeats=1", "--exact_gelu", "--cpu_devices=2"], split_env,
+                                     python=_interpreter())
+    assert error is None, error
+    assert split_row["cpu_devices"] == 2
+    for part, value in jax_row["first_loss"].items():
+        assert split_row["first_loss"][part] == pytest.approx(value, rel=2e-5), part
+    assert 0.6 < split_row["flops_compiled"] / flax_row["flops_compiled"] < 0.85, (
+        split_row["flops_compiled"], flax_row["flops_compiled"])
+
+
+@needs_diffusers_flax
+def test_more_devices_than_jax_has_is_a_one_line_error(tmp_path):
+    proc = subprocess.run([_interpreter(), "-m", "mlmjax.bench_diffusers_flax", f"--case={tmp_path}",
+                           "--cpu_devices=2", f"--out={tmp_path / 'row.json'}"], capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""), timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --cpu_devices=2, but JAX has 1 device(s): start it with "
+        "XLA_FLAGS=--xla_force_host_platform_device_count=2 (python -m mlmjax.bench does)")
+    assert not (tmp_path / "row.json").exists()
