@@ -49,6 +49,9 @@ class Compiled:
         none. It counts each loop's body once: a step that loops over attention or vocabulary chunks does more
         (``mlmjax.bench_cases.model_flops`` counts the model's FLOPs without the loops).
       compiler_options: the XLA options it was compiled with (:func:`cpu_compiler_options`).
+      lowered_flops: XLA's count for the step as lowered, before it is partitioned and optimised: the
+        whole step's, over all its devices, so ``flops / lowered_flops`` is about the share each device
+        computes (1 for a step that splits nothing); None where the backend gives none.
       memory: bytes per device: ``argument``, ``output``, ``temp`` (XLA's temporaries: the
         activations kept for the backward pass live here), ``alias`` (outputs written into donated
         inputs), ``generated_code``, and ``peak_bytes`` = argument + output + temp - alias, an upper
@@ -59,6 +62,7 @@ class Compiled:
     flops: float | None
     memory: dict[str, int] | None
     compiler_options: dict[str, str] = dataclasses.field(default_factory=dict)
+    lowered_flops: float | None = None
 
     def __call__(self, *args, **kwargs):
         return self.executable(*args, **kwargs)
@@ -107,10 +111,15 @@ def cpu_compiler_options(lower: Callable[[], jax.stages.Lowered]) -> dict[str, s
     (XLA's count of the lowered program) runs on XLA's own kernels instead of YNNPACK's; nothing
     otherwise, nor where ``XLA_FLAGS`` sets ``--xla_cpu_experimental_ynn_fusion_type`` itself (the
     user's choice stands). ``lower`` is called only where there is a choice to make."""
+    return _options_for(lambda: flops(lower()))
+
+
+def _options_for(count: Callable[[], float | None]) -> dict[str, str]:
+    """:func:`cpu_compiler_options` from the lowered program's FLOP count, asked for only where needed."""
     if jax.default_backend() != "cpu" or _YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
         return {}
-    count = flops(lower())
-    return {_YNN_OPTION: ""} if count is not None and count > _XLA_KERNELS_ABOVE_FLOPS else {}
+    flop_count = count()
+    return {_YNN_OPTION: ""} if flop_count is not None and flop_count > _XLA_KERNELS_ABOVE_FLOPS else {}
 
 
 def compile_step(jitted: Any, *args, **kwargs) -> Compiled:
@@ -124,11 +133,12 @@ def compile_step(jitted: Any, *args, **kwargs) -> Compiled:
     """
     start = time.perf_counter()
     lowered = jitted.lower(*args, **kwargs)
-    options = cpu_compiler_options(lambda: lowered)
+    lowered_flops = flops(lowered)
+    options = _options_for(lambda: lowered_flops)
     executable = lowered.compile(options or None)
     seconds = time.perf_counter() - start
     memory = _memory(executable)
     if jax.default_backend() == "cpu" and memory is not None and memory["temp"] <= runtime.HEAP_BUFFERS_UP_TO:
         runtime.reuse_host_memory()
     return Compiled(executable=executable, compile_seconds=seconds, flops=flops(executable), memory=memory,
-                    compiler_options=options)
+                    compiler_options=options, lowered_flops=lowered_flops)

@@ -17,7 +17,8 @@ after ``--warmup`` (with min, max, quartiles), examples/s (UNet rows per step: i
 images), compile time (cold unless ``--compilation_cache``), the model's FLOPs per step (XLA's cost
 analysis of the step lowered with every attention whole and the plain vocabulary projection: the
 compiled step loops over query and vocabulary chunks, whose bodies XLA's cost analysis counts once;
-the compiled count is kept as ``flops_compiled``), the achieved FLOP/s and its fraction of this
+the compiled count is kept as ``flops_compiled``, one device's share, beside ``flops_lowered``, the
+whole step's before XLA splits it over the devices), the achieved FLOP/s and its fraction of this
 machine's matrix-multiply peak in the compute dtype (measured in the same run by both frameworks,
 2048² on a CPU and 8192² on a GPU, median of 10; the larger is the peak: on a GPU the fraction is the
 model FLOP utilisation against what the card sustains), peak memory (JAX: the compiled memory
@@ -219,7 +220,7 @@ def run(options: dict) -> dict[str, Any]:
 
     # --cpu_devices splits the CPU for both JAX steps, mlmjax's and diffusers-Flax's (each data-parallel
     # over the same devices); PyTorch keeps one process's threads over every core, as its users run it.
-    jax_env = runtime.with_cpu_devices(xla_env, options.get("cpu_devices", 0))
+    jax_env = runtime.with_cpu_devices(xla_env, options.get("cpu_devices", 0), "--cpu_devices")
 
     def env_for(framework: str) -> dict:
         return env if framework == "torch" else jax_env
@@ -285,8 +286,7 @@ def run(options: dict) -> dict[str, Any]:
         if options.get("sharded_memory"):  # fsdp over fake devices, bf16, one example per device
             kinds.append((options.get("sharded_devices", 8), "bfloat16", 1))
         for devices, dtype, per_device_batch in kinds:
-            sharded_env = xla_env if devices == 1 else dict(xla_env, XLA_FLAGS=(
-                env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip())
+            sharded_env = runtime.with_cpu_devices(xla_env, devices if devices > 1 else 0, "--sharded_devices")
             for method in options["methods"]:
                 for mlm in options["mlm"]:
                     case_dir = os.path.join(tmp, f"abstract{devices}-{method}-{'mlm' if mlm else 'plain'}")
@@ -438,6 +438,13 @@ def main(argv: list[str]) -> None:
                "log": lambda message: print(message, file=sys.stderr, flush=True)}
     if not os.path.isdir(f.configs):
         runtime.fail(f"--configs={f.configs}: not a folder; point it at the repository's configs/")
+    # The JAX subprocesses get their devices through XLA_FLAGS, where the user's own may ask for others.
+    sharded_devices = f.sharded_devices if f.sharded_memory and f.sharded_devices > 1 else 0
+    for setting, devices in (("--cpu_devices", f.cpu_devices), ("--sharded_devices", sharded_devices)):
+        try:
+            runtime.with_cpu_devices(dict(os.environ), devices, setting)
+        except ValueError as e:
+            runtime.fail(str(e))
     missing = _missing_packages(frameworks)
     if missing:
         runtime.fail(f"{sys.executable} cannot import {', '.join(missing)}, which the benchmark's subprocesses "

@@ -379,7 +379,8 @@ def run_jax_case(request: dict, case_dir: str, partial: str | None = None) -> di
     with attention.implementation(row["attention"]):
         compiled = aot.compile_step(jitted, state, device_batch, rng)
     _log(compiled.describe())
-    row.update(compile_s=compiled.compile_seconds, flops_compiled=compiled.flops, memory=compiled.memory,
+    row.update(compile_s=compiled.compile_seconds, flops_compiled=compiled.flops,
+               flops_lowered=compiled.lowered_flops, memory=compiled.memory,
                compiler_options=compiled.compiler_options,
                peak_memory_bytes=None if compiled.memory is None else compiled.memory["peak_bytes"])
     _save_partial(partial, row)  # what the compiler says survives a step that runs out of memory

@@ -117,18 +117,19 @@ def relaunch_with_huge_pages() -> None:
 _CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
-def with_cpu_devices(environ: dict[str, str], devices: int) -> dict[str, str]:
+def with_cpu_devices(environ: dict[str, str], devices: int,
+                     setting: str = "config.mesh.cpu_devices") -> dict[str, str]:
     """``environ`` whose ``XLA_FLAGS`` give JAX's CPU platform ``devices`` devices instead of one
-    (``config.mesh.cpu_devices``; 0 changes nothing). Raises ValueError for a negative count, or when
-    ``XLA_FLAGS`` already asks for another."""
+    (0 changes nothing). Raises ValueError, naming ``setting`` (what asked for the devices), for a
+    negative count, or when ``XLA_FLAGS`` already asks for another."""
     if devices < 0:
-        raise ValueError(f"config.mesh.cpu_devices={devices}: give a number of CPU devices, or 0 for one")
+        raise ValueError(f"{setting}={devices}: give a number of CPU devices, or 0 for one")
     flags = environ.get("XLA_FLAGS", "")
     asked = re.search(_CPU_DEVICES_FLAG + r"=(\d+)", flags)
     if devices == 0 or (asked and int(asked.group(1)) == devices):
         return dict(environ)
     if asked:
-        raise ValueError(f"config.mesh.cpu_devices={devices}, but XLA_FLAGS has {asked.group(0)}: drop one of them")
+        raise ValueError(f"{setting}={devices}, but XLA_FLAGS has {asked.group(0)}: drop one of them")
     return dict(environ, XLA_FLAGS=f"{flags} {_CPU_DEVICES_FLAG}={devices}".strip())
 
 

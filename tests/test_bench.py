@@ -188,6 +188,14 @@ def test_bad_flags_are_user_errors():
     proc = subprocess.run([sys.executable, "-m", "mlmjax.bench", "--timeout=0"], capture_output=True, text=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --timeout=0: give a positive"), proc.stderr
+    # The user's XLA_FLAGS asking for other devices than a flag does: named, before anything runs.
+    four = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    for flags, asked in ((["--cpu_devices=2"], "--cpu_devices=2"),
+                         (["--sharded_memory", "--framework=none"], "--sharded_devices=8")):
+        proc = subprocess.run([sys.executable, "-m", "mlmjax.bench", *flags], capture_output=True, text=True, env=four,
+                              timeout=300)
+        assert proc.returncode == 2 and proc.stderr.strip() == (
+            f"error: {asked}, but XLA_FLAGS has --xla_force_host_platform_device_count=4: drop one of them"), proc.stderr
 
 
 @pytest.mark.parametrize("framework, missing", [("jax,torch", "diffusers, grain"), ("jax", "grain")])
