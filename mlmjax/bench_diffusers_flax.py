@@ -473,7 +473,8 @@ def run_case(case_dir: str, *, warmup: int, repeats: int, attention: str = "auto
     step = FlaxStep(case, arrays, memory_efficient, exact_gelu, devices)
     compiled = step.compiled
     row.update(build_s=time.perf_counter() - start, compile_s=compiled.compile_seconds,
-               flops_compiled=compiled.flops, flops_lowered=compiled.lowered_flops, memory=compiled.memory, compiler_options=compiled.compiler_options,
+               flops_compiled=compiled.flops, flops_lowered=compiled.lowered_flops, memory=compiled.memory,
+               compiler_options=compiled.compiler_options,
                peak_memory_bytes=None if compiled.memory is None else compiled.memory["peak_bytes"],
                attention="memory_efficient" if memory_efficient else "plain", exact_gelu=exact_gelu,
                trainable_params=step.trainable_params, device_kind=jax.devices()[0].device_kind, cpu_devices=devices)
