@@ -202,6 +202,18 @@ def _measure_case(case_dir: str, request: dict, options: dict, env_for, log) -> 
     return measured
 
 
+def _jax_environments(environ: dict[str, str], options: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """``environ`` for the timed JAX steps and for ``--sharded_memory``'s compiles. ``--cpu_devices``
+    splits the CPU for both timed JAX steps, mlmjax's and diffusers-Flax's (each data-parallel over the
+    same devices; PyTorch keeps one process's threads over every core, as its users run it);
+    ``--sharded_devices`` gives the fsdp compiles their fake devices, where one needs no flag. Raises
+    ValueError, naming the flag, where the user's ``XLA_FLAGS`` ask for another device count."""
+    timed = runtime.with_cpu_devices(environ, options.get("cpu_devices", 0), "--cpu_devices")
+    devices = options.get("sharded_devices", 8) if options.get("sharded_memory") else 0
+    sharded = runtime.with_cpu_devices(environ, devices if devices > 1 else 0, "--sharded_devices")
+    return timed, sharded
+
+
 def run(options: dict) -> dict[str, Any]:
     """The whole benchmark; ``options``: methods, mlm (list of bools), size, repeats, warmup, frameworks,
     compute_dtype, configs, sharded_memory, compilation_cache, profile (a folder: profile the JAX steps),
@@ -218,9 +230,7 @@ def run(options: dict) -> dict[str, Any]:
     # with huge pages for malloc's mappings; PyTorch runs as its users run it.
     xla_env = runtime.huge_page_environment(env) or env
 
-    # --cpu_devices splits the CPU for both JAX steps, mlmjax's and diffusers-Flax's (each data-parallel
-    # over the same devices); PyTorch keeps one process's threads over every core, as its users run it.
-    jax_env = runtime.with_cpu_devices(xla_env, options.get("cpu_devices", 0), "--cpu_devices")
+    jax_env, sharded_env = _jax_environments(xla_env, options)
 
     def env_for(framework: str) -> dict:
         return env if framework == "torch" else jax_env
@@ -282,11 +292,10 @@ def run(options: dict) -> dict[str, Any]:
         sharded = []
         kinds = []
         if options.get("compile_only"):  # one device, the method's own batch, --compute_dtype
-            kinds.append((1, options["compute_dtype"], None))
+            kinds.append((1, options["compute_dtype"], None, xla_env))
         if options.get("sharded_memory"):  # fsdp over fake devices, bf16, one example per device
-            kinds.append((options.get("sharded_devices", 8), "bfloat16", 1))
-        for devices, dtype, per_device_batch in kinds:
-            sharded_env = runtime.with_cpu_devices(xla_env, devices if devices > 1 else 0, "--sharded_devices")
+            kinds.append((options.get("sharded_devices", 8), "bfloat16", 1, sharded_env))
+        for devices, dtype, per_device_batch, kind_env in kinds:
             for method in options["methods"]:
                 for mlm in options["mlm"]:
                     case_dir = os.path.join(tmp, f"abstract{devices}-{method}-{'mlm' if mlm else 'plain'}")
@@ -297,7 +306,7 @@ def run(options: dict) -> dict[str, Any]:
                     request_path = os.path.join(case_dir, REQUEST_JSON)
                     with open(request_path, "w") as f:
                         json.dump(request, f)
-                    result, error = _worker(_jax_worker_args("sharded", request_path), sharded_env)
+                    result, error = _worker(_jax_worker_args("sharded", request_path), kind_env)
                     entry = result or {"method": method, "mlm": mlm, "devices": devices, "compute_dtype": dtype,
                                        "error": error}
                     sharded.append(entry)
@@ -438,13 +447,10 @@ def main(argv: list[str]) -> None:
                "log": lambda message: print(message, file=sys.stderr, flush=True)}
     if not os.path.isdir(f.configs):
         runtime.fail(f"--configs={f.configs}: not a folder; point it at the repository's configs/")
-    # The JAX subprocesses get their devices through XLA_FLAGS, where the user's own may ask for others.
-    sharded_devices = f.sharded_devices if f.sharded_memory and f.sharded_devices > 1 else 0
-    for setting, devices in (("--cpu_devices", f.cpu_devices), ("--sharded_devices", sharded_devices)):
-        try:
-            runtime.with_cpu_devices(dict(os.environ), devices, setting)
-        except ValueError as e:
-            runtime.fail(str(e))
+    try:  # before anything runs: the JAX subprocesses get their devices through XLA_FLAGS
+        _jax_environments(dict(os.environ), options)
+    except ValueError as e:
+        runtime.fail(str(e))
     missing = _missing_packages(frameworks)
     if missing:
         runtime.fail(f"{sys.executable} cannot import {', '.join(missing)}, which the benchmark's subprocesses "

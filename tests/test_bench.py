@@ -181,6 +181,26 @@ def test_each_configuration_runs_in_several_processes(tmp_path):
     assert refused.returncode == 2 and "--processes=0" in refused.stderr, refused.stderr
 
 
+def test_each_jax_subprocess_gets_the_devices_its_flag_asks_for():
+    from mlmjax import bench
+
+    flag = "--xla_force_host_platform_device_count"
+    user = {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false", "PATH": "/bin"}
+    timed, sharded = bench._jax_environments(user, {"cpu_devices": 2, "sharded_memory": True, "sharded_devices": 8})
+    assert timed == dict(user, XLA_FLAGS=f"--xla_cpu_enable_fast_math=false {flag}=2")
+    assert sharded == dict(user, XLA_FLAGS=f"--xla_cpu_enable_fast_math=false {flag}=8")
+    # One device needs no flag; --sharded_devices counts only with --sharded_memory.
+    for options in ({"cpu_devices": 0, "sharded_memory": True, "sharded_devices": 1},
+                    {"cpu_devices": 0, "sharded_memory": False, "sharded_devices": 8}):
+        assert bench._jax_environments(user, options) == (user, user)
+    # The user's own count stands where it agrees, and is an error naming the flag where it does not.
+    four = {"XLA_FLAGS": f"{flag}=4"}
+    assert bench._jax_environments(four, {"cpu_devices": 4, "sharded_memory": True, "sharded_devices": 4}) == (
+        four, four)
+    with pytest.raises(ValueError, match="--sharded_devices=8, but XLA_FLAGS has"):
+        bench._jax_environments(four, {"cpu_devices": 4, "sharded_memory": True, "sharded_devices": 8})
+
+
 def test_bad_flags_are_user_errors():
     proc = subprocess.run([sys.executable, "-m", "mlmjax.bench", "--methods=ti,foo"], capture_output=True, text=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
