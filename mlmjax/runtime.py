@@ -17,7 +17,8 @@ def enable_compilation_cache(directory: str | None = None) -> str:
     """Turns on JAX's persistent compilation cache; returns its folder.
 
     A rerun, a resumed run or a sweep then loads its executables from disk instead of compiling
-    them again (the tiny train step: ~40 s to compile on a 2-core CPU, ~1 s to load). The folder is
+    them again (the tiny TI + MLM step on a 2-core CPU: 30 s to compile, 3 s to load; README,
+    "Checkpoints and resuming", for larger steps). The folder is
     ``directory``, else ``$JAX_COMPILATION_CACHE_DIR`` or ``$MLMJAX_COMPILATION_CACHE``, else
     ``~/.cache/mlmjax/jax``. Entries are keyed by the program, the compiler options and the jax
     version, so a stale entry is never used.
