@@ -8,6 +8,7 @@ and without MLM.
     python -m mlmjax.bench --sharded_memory --methods dreambooth --mlm off --framework none   # fsdp=8 memory
     python -m mlmjax.bench --size sd15 --methods dreambooth --compute_dtype bfloat16 --repeats 10   # on a GPU: MFU
     python -m mlmjax.bench --methods ti,xti --cpu_devices 2   # JAX steps data-parallel over the CPU as 2 devices
+    python -m mlmjax.bench --cpu_devices 2,dreambooth=1       # each method on the split that suits it
     python -m mlmjax.bench --framework jax,torch,diffusers_flax \
         --diffusers_flax_python /tmp/mlmjax-diffusers-flax/bin/python   # launch/diffusers_flax_env.sh makes it
 
@@ -150,14 +151,15 @@ def _missing_packages(frameworks: list[str]) -> list[str]:
     return [name for name in names if importlib.util.find_spec(name) is None]
 
 
-def _reference_worker(framework: str, case_dir: str, options: dict) -> tuple[list[str], str | None]:
+def _reference_worker(framework: str, case_dir: str, method: str, options: dict) -> tuple[list[str], str | None]:
     """``(arguments, interpreter)`` of a reference framework's subprocess for one case folder."""
     timing = [f"--case={case_dir}", f"--warmup={options['warmup']}", f"--repeats={options['repeats']}"]
     if framework == "torch":
         return ["-m", "mlmjax.bench_torch", *timing, *_torch_args(options)], None
     branch = ["--mlm_branch"] if options.get("mlm_branch") else []
-    devices = [f"--cpu_devices={options['cpu_devices']}"] if options.get("cpu_devices") else []
-    return ["-m", "mlmjax.bench_diffusers_flax", *timing, *branch, *devices], options.get("diffusers_flax_python")
+    devices = _cpu_devices(options, method)
+    return (["-m", "mlmjax.bench_diffusers_flax", *timing, *branch, *([f"--cpu_devices={devices}"] if devices else [])],
+            options.get("diffusers_flax_python"))
 
 
 def _torch_args(options: dict) -> list[str]:
@@ -193,7 +195,7 @@ def _measure_case(case_dir: str, request: dict, options: dict, env_for, log) -> 
                 error = measured["jax"][-1][1]
                 measured[framework].append((None, f"no case folder: the JAX side failed ({error})"))
                 continue
-            args, python = _reference_worker(framework, case_dir, options)
+            args, python = _reference_worker(framework, case_dir, request["method"], options)
             measured[framework].append(_worker(args, env_for(framework), options.get("timeout"), python))
         if processes > 1:
             log(f"{request['method']} mlm={request['mlm']}, process {process + 1} of {processes}: " + ", ".join(
@@ -202,13 +204,45 @@ def _measure_case(case_dir: str, request: dict, options: dict, env_for, log) -> 
     return measured
 
 
-def _jax_environments(environ: dict[str, str], options: dict) -> tuple[dict[str, str], dict[str, str]]:
-    """``environ`` for the timed JAX steps and for ``--sharded_memory``'s compiles. ``--cpu_devices``
-    splits the CPU for both timed JAX steps, mlmjax's and diffusers-Flax's (each data-parallel over the
-    same devices; PyTorch keeps one process's threads over every core, as its users run it);
-    ``--sharded_devices`` gives the fsdp compiles their fake devices, where one needs no flag. Raises
-    ValueError, naming the flag, where the user's ``XLA_FLAGS`` ask for another device count."""
-    timed = runtime.with_cpu_devices(environ, options.get("cpu_devices", 0), "--cpu_devices")
+def _parse_cpu_devices(value: str) -> dict[str, int]:
+    """``--cpu_devices``: a count for every method (``2``), per method (``dreambooth=1``), or both
+    (``2,dreambooth=1``), as ``{method or "": count}``; ValueError naming what is wrong."""
+    counts = {}
+    for item in (part.strip() for part in value.split(",")):
+        method, _, count = item.rpartition("=")
+        if method and method not in config_lib.METHODS:
+            raise ValueError(f"--cpu_devices={value}: unknown method {method!r}; choose from "
+                             f"{','.join(config_lib.METHODS)}")
+        if method in counts:
+            raise ValueError(f"--cpu_devices={value}: {'the count for every method' if not method else method} "
+                             "given twice")
+        if not count.isdigit():
+            raise ValueError(f"--cpu_devices={value}: give a count of CPU devices (0: one), for every method or "
+                             "as METHOD=COUNT (e.g. 2,dreambooth=1)")
+        counts[method] = int(count)
+    return counts
+
+
+def _cpu_devices(options: dict, method: str) -> int:
+    """``method``'s count of JAX CPU devices in ``options['cpu_devices']`` (a count, or
+    :func:`_parse_cpu_devices`'s mapping); 0: one device, unsplit."""
+    counts = options.get("cpu_devices") or 0
+    return counts if isinstance(counts, int) else counts.get(method, counts.get("", 0))
+
+
+def _jax_environments(environ: dict[str, str], options: dict) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """``environ`` for each method's timed JAX steps and for ``--sharded_memory``'s compiles.
+    ``--cpu_devices`` splits the CPU for both timed JAX steps of a method, mlmjax's and diffusers-Flax's
+    (each data-parallel over the same devices; PyTorch keeps one process's threads over every core, as
+    its users run it); ``--sharded_devices`` gives the fsdp compiles their fake devices, where one needs
+    no flag. Raises ValueError, naming the flag, where the user's ``XLA_FLAGS`` ask for another device
+    count."""
+    counts = options.get("cpu_devices") or 0
+
+    def setting(method: str) -> str:  # what the user wrote: --cpu_devices=2, or --cpu_devices dreambooth=1
+        return f"--cpu_devices {method}" if isinstance(counts, dict) and method in counts else "--cpu_devices"
+    timed = {method: runtime.with_cpu_devices(environ, _cpu_devices(options, method), setting(method))
+             for method in options["methods"]}
     devices = options.get("sharded_devices", 8) if options.get("sharded_memory") else 0
     sharded = runtime.with_cpu_devices(environ, devices if devices > 1 else 0, "--sharded_devices")
     return timed, sharded
@@ -230,10 +264,7 @@ def run(options: dict) -> dict[str, Any]:
     # with huge pages for malloc's mappings; PyTorch runs as its users run it.
     xla_env = runtime.huge_page_environment(env) or env
 
-    jax_env, sharded_env = _jax_environments(xla_env, options)
-
-    def env_for(framework: str) -> dict:
-        return env if framework == "torch" else jax_env
+    jax_envs, sharded_env = _jax_environments(xla_env, options)
     peaks = {}
     dtype = options["compute_dtype"]
     for framework in [f for f in options["frameworks"] if f in ("jax", "torch")]:  # diffusers-Flax is JAX
@@ -242,7 +273,8 @@ def run(options: dict) -> dict[str, Any]:
                 if framework == "jax" else
                 ["-m", "mlmjax.bench_torch", "--peak", f"--repeats={repeats}", f"--dtype={dtype}",
                  *_torch_args(options)])
-        peaks[framework], error = _worker(args, env_for(framework))
+        # The machine's peak: JAX's matmul on the CPU undivided, whatever --cpu_devices asks of the steps.
+        peaks[framework], error = _worker(args, env if framework == "torch" else xla_env)
         log(f"{framework} {dtype} matmul peak: " + (f"{peaks[framework]['flops_per_s'] / 1e9:.1f} GFLOP/s"
                                                     if peaks[framework] else f"failed ({error})"))
     measured = [p["flops_per_s"] for p in peaks.values() if p]
@@ -261,14 +293,15 @@ def run(options: dict) -> dict[str, Any]:
                            "configs": options["configs"], "prepare_only": "jax" not in options["frameworks"],
                            "remat": options.get("remat", False), "attention": options.get("attention", "auto"),
                            "mlm_branch": options.get("mlm_branch", False),
-                           "cpu_devices": options.get("cpu_devices", 0),
+                           "cpu_devices": _cpu_devices(options, method),
                            "profile": options.get("profile") and os.path.abspath(options["profile"])}
                 request_path = os.path.join(case_dir, REQUEST_JSON)
                 with open(request_path, "w") as f:
                     json.dump(request, f)
                 base = {"method": method, "mlm": mlm, "size": options["size"], "compute_dtype": options["compute_dtype"],
                         "repeats": options["repeats"], "warmup": options["warmup"], "remat": options.get("remat", False)}
-                measured = _measure_case(case_dir, request, options, env_for, log)
+                measured = _measure_case(case_dir, request, options,
+                                         lambda framework: env if framework == "torch" else jax_envs[method], log)
                 prepared, error = bench_report.pool_processes(measured["jax"])
                 if "jax" in options["frameworks"] and prepared and prepared.get("flops") is None:
                     # Timed on an accelerator (or cut off before counting): the model's FLOPs from the CPU.
@@ -390,9 +423,10 @@ def define_flags() -> None:
                       "torch sees one, else the CPU")
     flags.DEFINE_string("profile", None, "JAX: also run 3 steps under the profiler after the timed ones and "
                         "report where their time goes (mlmjax.profiling); the traces go to this folder")
-    flags.DEFINE_integer("cpu_devices", 0, "JAX: split the CPU into this many devices (config.mesh.cpu_devices) "
-                         "and run each JAX step, mlmjax's and diffusers-Flax's, data-parallel over them (the batch "
-                         "split by rows where they divide); PyTorch keeps its threads; 0: one device")
+    flags.DEFINE_string("cpu_devices", "0", "JAX: split the CPU into this many devices (config.mesh.cpu_devices) "
+                        "and run each JAX step, mlmjax's and diffusers-Flax's, data-parallel over them (the batch "
+                        "split by rows where they divide); PyTorch keeps its threads; 0: one device. Per method: "
+                        "2,dreambooth=1 (DreamBooth's two-row batch gains nothing from a split)")
     flags.DEFINE_integer("sharded_devices", 8, "host devices (= fsdp size) of --sharded_memory")
     flags.DEFINE_float("timeout", None, "seconds each configuration's JAX or PyTorch subprocess may run; a JAX "
                        "step cut off keeps what it had measured (compiled, then timed, then its FLOPs counted)")
@@ -438,7 +472,7 @@ def main(argv: list[str]) -> None:
                "mlm": [m == "on" for m in _split(f.mlm, ("on", "off"), "mlm")],
                "size": f.size, "repeats": f.repeats, "warmup": f.warmup, "frameworks": frameworks,
                "compute_dtype": f.compute_dtype, "configs": f.configs, "sharded_memory": f.sharded_memory,
-               "sharded_devices": f.sharded_devices, "cpu_devices": f.cpu_devices,
+               "sharded_devices": f.sharded_devices,
                "compilation_cache": f.compilation_cache,
                "torch_threads": f.torch_threads, "compile_only": f.compile_only, "remat": f.remat,
                "peak_repeats": f.peak_repeats, "attention": f.attention, "torch_device": f.torch_device,
@@ -448,6 +482,7 @@ def main(argv: list[str]) -> None:
     if not os.path.isdir(f.configs):
         runtime.fail(f"--configs={f.configs}: not a folder; point it at the repository's configs/")
     try:  # before anything runs: the JAX subprocesses get their devices through XLA_FLAGS
+        options["cpu_devices"] = _parse_cpu_devices(f.cpu_devices)
         _jax_environments(dict(os.environ), options)
     except ValueError as e:
         runtime.fail(str(e))

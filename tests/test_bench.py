@@ -162,16 +162,18 @@ def test_processes_pool_their_steps_and_keep_each_median():
 
 
 def test_each_configuration_runs_in_several_processes(tmp_path):
-    """``--processes 2``: two fresh JAX processes per configuration, their steps pooled, one profile."""
+    """``--processes 2``: two fresh JAX processes per configuration, their steps pooled, one profile. A
+    method's own ``--cpu_devices`` count stands over the one for every method (here TI's one device)."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "mlmjax.bench", "--methods=ti", "--mlm=off", "--repeats=2", "--warmup=1",
-         "--framework=jax", "--processes=2", "--peak_repeats=2", "--compilation_cache", f"--json={out}",
+         "--framework=jax", "--processes=2", "--peak_repeats=2", "--cpu_devices=2,ti=0", "--compilation_cache",
+         f"--json={out}",
          f"--profile={tmp_path / 'profile'}"], capture_output=True, text=True,
         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (row,) = json.loads(out.read_text())["rows"]
-    assert len(row["times_s"]) == 4 and len(row["process_medians_ms"]) == 2
+    assert len(row["times_s"]) == 4 and len(row["process_medians_ms"]) == 2 and row["cpu_devices"] == 1
     assert all(_positive(median) for median in row["process_medians_ms"]) and row["profile"]
     traces = [name for _, _, names in os.walk(tmp_path / "profile") for name in names if name.endswith(".xplane.pb")]
     assert len(traces) == 1, traces  # only the first process profiles
@@ -186,19 +188,36 @@ def test_each_jax_subprocess_gets_the_devices_its_flag_asks_for():
 
     flag = "--xla_force_host_platform_device_count"
     user = {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false", "PATH": "/bin"}
-    timed, sharded = bench._jax_environments(user, {"cpu_devices": 2, "sharded_memory": True, "sharded_devices": 8})
-    assert timed == dict(user, XLA_FLAGS=f"--xla_cpu_enable_fast_math=false {flag}=2")
+    counts = bench._parse_cpu_devices("2,dreambooth=1")
+    assert counts == {"": 2, "dreambooth": 1} and bench._parse_cpu_devices("0") == {"": 0}
+    methods = ["ti", "dreambooth", "custom_diffusion"]
+    timed, sharded = bench._jax_environments(user, {"methods": methods, "cpu_devices": counts,
+                                                    "sharded_memory": True, "sharded_devices": 8})
+    assert timed == {"ti": dict(user, XLA_FLAGS=f"--xla_cpu_enable_fast_math=false {flag}=2"),
+                     "dreambooth": dict(user, XLA_FLAGS=f"--xla_cpu_enable_fast_math=false {flag}=1"),
+                     "custom_diffusion": dict(user, XLA_FLAGS=f"--xla_cpu_enable_fast_math=false {flag}=2")}
     assert sharded == dict(user, XLA_FLAGS=f"--xla_cpu_enable_fast_math=false {flag}=8")
-    # One device needs no flag; --sharded_devices counts only with --sharded_memory.
-    for options in ({"cpu_devices": 0, "sharded_memory": True, "sharded_devices": 1},
+    # A method named alone takes its count, the others one device; a plain count is every method's.
+    only = {"methods": methods, "cpu_devices": bench._parse_cpu_devices("custom_diffusion=2")}
+    assert [bench._cpu_devices(only, m) for m in methods] == [0, 0, 2]
+    assert [bench._cpu_devices({"cpu_devices": 2}, m) for m in methods] == [2, 2, 2]
+    # Zero and one sharded device need no flag; --sharded_devices counts only with --sharded_memory.
+    for options in ({"cpu_devices": {"": 0}, "sharded_memory": True, "sharded_devices": 1},
                     {"cpu_devices": 0, "sharded_memory": False, "sharded_devices": 8}):
-        assert bench._jax_environments(user, options) == (user, user)
+        assert bench._jax_environments(user, dict(options, methods=["ti"])) == ({"ti": user}, user)
     # The user's own count stands where it agrees, and is an error naming the flag where it does not.
     four = {"XLA_FLAGS": f"{flag}=4"}
-    assert bench._jax_environments(four, {"cpu_devices": 4, "sharded_memory": True, "sharded_devices": 4}) == (
-        four, four)
+    assert bench._jax_environments(four, {"methods": ["ti"], "cpu_devices": {"": 4}, "sharded_memory": True,
+                                          "sharded_devices": 4}) == ({"ti": four}, four)
     with pytest.raises(ValueError, match="--sharded_devices=8, but XLA_FLAGS has"):
-        bench._jax_environments(four, {"cpu_devices": 4, "sharded_memory": True, "sharded_devices": 8})
+        bench._jax_environments(four, {"methods": ["ti"], "cpu_devices": 4, "sharded_memory": True})
+    with pytest.raises(ValueError, match=f"^--cpu_devices dreambooth=1, but XLA_FLAGS has {flag}=4"):
+        bench._jax_environments(four, {"methods": ["ti", "dreambooth"], "cpu_devices": {"": 4, "dreambooth": 1}})
+    for bad, says in (("2,foo=1", "unknown method 'foo'"), ("two", "give a count"), ("", "give a count"),
+                      ("ti=1,ti=2", "ti given twice"), ("-1", "give a count"),
+                      ("1,2", "the count for every method given twice")):
+        with pytest.raises(ValueError, match=f"^--cpu_devices={bad}: {says}"):
+            bench._parse_cpu_devices(bad)
 
 
 def test_bad_flags_are_user_errors():
@@ -208,6 +227,9 @@ def test_bad_flags_are_user_errors():
     proc = subprocess.run([sys.executable, "-m", "mlmjax.bench", "--timeout=0"], capture_output=True, text=True,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --timeout=0: give a positive"), proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "mlmjax.bench", "--cpu_devices=2,foo=1"], capture_output=True,
+                          text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --cpu_devices=2,foo=1: unknown method 'foo'")
     # The user's XLA_FLAGS asking for other devices than a flag does: named, before anything runs.
     four = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
     for flags, asked in ((["--cpu_devices=2"], "--cpu_devices=2"),
