@@ -151,13 +151,14 @@ def _missing_packages(frameworks: list[str]) -> list[str]:
     return [name for name in names if importlib.util.find_spec(name) is None]
 
 
-def _reference_worker(framework: str, case_dir: str, method: str, options: dict) -> tuple[list[str], str | None]:
-    """``(arguments, interpreter)`` of a reference framework's subprocess for one case folder."""
+def _reference_worker(framework: str, case_dir: str, request: dict, options: dict) -> tuple[list[str], str | None]:
+    """``(arguments, interpreter)`` of a reference framework's subprocess for one case folder; a JAX
+    reference splits the CPU as the case's JAX step does (``request['cpu_devices']``)."""
     timing = [f"--case={case_dir}", f"--warmup={options['warmup']}", f"--repeats={options['repeats']}"]
     if framework == "torch":
         return ["-m", "mlmjax.bench_torch", *timing, *_torch_args(options)], None
     branch = ["--mlm_branch"] if options.get("mlm_branch") else []
-    devices = _cpu_devices(options, method)
+    devices = request.get("cpu_devices", 0)
     return (["-m", "mlmjax.bench_diffusers_flax", *timing, *branch, *([f"--cpu_devices={devices}"] if devices else [])],
             options.get("diffusers_flax_python"))
 
@@ -195,7 +196,7 @@ def _measure_case(case_dir: str, request: dict, options: dict, env_for, log) -> 
                 error = measured["jax"][-1][1]
                 measured[framework].append((None, f"no case folder: the JAX side failed ({error})"))
                 continue
-            args, python = _reference_worker(framework, case_dir, request["method"], options)
+            args, python = _reference_worker(framework, case_dir, request, options)
             measured[framework].append(_worker(args, env_for(framework), options.get("timeout"), python))
         if processes > 1:
             log(f"{request['method']} mlm={request['mlm']}, process {process + 1} of {processes}: " + ", ".join(
@@ -224,10 +225,10 @@ def _parse_cpu_devices(value: str) -> dict[str, int]:
 
 
 def _cpu_devices(options: dict, method: str) -> int:
-    """``method``'s count of JAX CPU devices in ``options['cpu_devices']`` (a count, or
-    :func:`_parse_cpu_devices`'s mapping); 0: one device, unsplit."""
-    counts = options.get("cpu_devices") or 0
-    return counts if isinstance(counts, int) else counts.get(method, counts.get("", 0))
+    """``method``'s count of JAX CPU devices in ``options['cpu_devices']`` (:func:`_parse_cpu_devices`'s
+    mapping; none: one device, unsplit)."""
+    counts = options.get("cpu_devices", {})
+    return counts.get(method, counts.get("", 0))
 
 
 def _jax_environments(environ: dict[str, str], options: dict) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
@@ -237,10 +238,8 @@ def _jax_environments(environ: dict[str, str], options: dict) -> tuple[dict[str,
     its users run it); ``--sharded_devices`` gives the fsdp compiles their fake devices, where one needs
     no flag. Raises ValueError, naming the flag, where the user's ``XLA_FLAGS`` ask for another device
     count."""
-    counts = options.get("cpu_devices") or 0
-
     def setting(method: str) -> str:  # what the user wrote: --cpu_devices=2, or --cpu_devices dreambooth=1
-        return f"--cpu_devices {method}" if isinstance(counts, dict) and method in counts else "--cpu_devices"
+        return f"--cpu_devices {method}" if method in options.get("cpu_devices", {}) else "--cpu_devices"
     timed = {method: runtime.with_cpu_devices(environ, _cpu_devices(options, method), setting(method))
              for method in options["methods"]}
     devices = options.get("sharded_devices", 8) if options.get("sharded_memory") else 0
@@ -251,7 +250,8 @@ def _jax_environments(environ: dict[str, str], options: dict) -> tuple[dict[str,
 def run(options: dict) -> dict[str, Any]:
     """The whole benchmark; ``options``: methods, mlm (list of bools), size, repeats, warmup, frameworks,
     compute_dtype, configs, sharded_memory, compilation_cache, profile (a folder: profile the JAX steps),
-    processes (fresh processes per configuration and framework),
+    processes (fresh processes per configuration and framework), cpu_devices (JAX CPU devices per method,
+    as :func:`_parse_cpu_devices` gives them; absent: one device),
     mlm_branch (also time the MLM branch alone),
     diffusers_flax_python (the interpreter of the diffusers-Flax reference), log (a callable for progress
     lines)."""

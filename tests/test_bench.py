@@ -200,17 +200,17 @@ def test_each_jax_subprocess_gets_the_devices_its_flag_asks_for():
     # A method named alone takes its count, the others one device; a plain count is every method's.
     only = {"methods": methods, "cpu_devices": bench._parse_cpu_devices("custom_diffusion=2")}
     assert [bench._cpu_devices(only, m) for m in methods] == [0, 0, 2]
-    assert [bench._cpu_devices({"cpu_devices": 2}, m) for m in methods] == [2, 2, 2]
+    assert [bench._cpu_devices({"cpu_devices": {"": 2}}, m) for m in methods] == [2, 2, 2]
     # Zero and one sharded device need no flag; --sharded_devices counts only with --sharded_memory.
     for options in ({"cpu_devices": {"": 0}, "sharded_memory": True, "sharded_devices": 1},
-                    {"cpu_devices": 0, "sharded_memory": False, "sharded_devices": 8}):
+                    {"sharded_memory": False, "sharded_devices": 8}):
         assert bench._jax_environments(user, dict(options, methods=["ti"])) == ({"ti": user}, user)
     # The user's own count stands where it agrees, and is an error naming the flag where it does not.
     four = {"XLA_FLAGS": f"{flag}=4"}
     assert bench._jax_environments(four, {"methods": ["ti"], "cpu_devices": {"": 4}, "sharded_memory": True,
                                           "sharded_devices": 4}) == ({"ti": four}, four)
     with pytest.raises(ValueError, match="--sharded_devices=8, but XLA_FLAGS has"):
-        bench._jax_environments(four, {"methods": ["ti"], "cpu_devices": 4, "sharded_memory": True})
+        bench._jax_environments(four, {"methods": ["ti"], "cpu_devices": {"": 4}, "sharded_memory": True})
     with pytest.raises(ValueError, match=f"^--cpu_devices dreambooth=1, but XLA_FLAGS has {flag}=4"):
         bench._jax_environments(four, {"methods": ["ti", "dreambooth"], "cpu_devices": {"": 4, "dreambooth": 1}})
     for bad, says in (("2,foo=1", "unknown method 'foo'"), ("two", "give a count"), ("", "give a count"),
