@@ -252,7 +252,7 @@ def run(options: dict) -> dict[str, Any]:
     compute_dtype, configs, sharded_memory, compilation_cache, profile (a folder: profile the JAX steps),
     processes (fresh processes per configuration and framework), cpu_devices (JAX CPU devices per method,
     as :func:`_parse_cpu_devices` gives them; absent: one device),
-    mlm_branch (also time the MLM branch alone),
+    mlm_branch (also time the MLM branch alone), count_flops (default True: count each JAX step's model FLOPs),
     diffusers_flax_python (the interpreter of the diffusers-Flax reference), log (a callable for progress
     lines)."""
     log = options.get("log") or (lambda message: None)
@@ -294,6 +294,7 @@ def run(options: dict) -> dict[str, Any]:
                            "remat": options.get("remat", False), "attention": options.get("attention", "auto"),
                            "mlm_branch": options.get("mlm_branch", False),
                            "cpu_devices": _cpu_devices(options, method),
+                           "count_flops": options.get("count_flops", True),
                            "profile": options.get("profile") and os.path.abspath(options["profile"])}
                 request_path = os.path.join(case_dir, REQUEST_JSON)
                 with open(request_path, "w") as f:
@@ -303,7 +304,8 @@ def run(options: dict) -> dict[str, Any]:
                 measured = _measure_case(case_dir, request, options,
                                          lambda framework: env if framework == "torch" else jax_envs[method], log)
                 prepared, error = bench_report.pool_processes(measured["jax"])
-                if "jax" in options["frameworks"] and prepared and prepared.get("flops") is None:
+                if ("jax" in options["frameworks"] and prepared and prepared.get("flops") is None
+                        and options.get("count_flops", True)):
                     # Timed on an accelerator (or cut off before counting): the model's FLOPs from the CPU.
                     counted, flops_error = _worker(_jax_worker_args("flops", request_path),
                                                    dict(xla_env, JAX_PLATFORMS="cpu"), options.get("timeout"))
@@ -335,7 +337,8 @@ def run(options: dict) -> dict[str, Any]:
                     os.makedirs(case_dir)
                     request = {"method": method, "mlm": mlm, "compute_dtype": dtype,
                                "per_device_batch": per_device_batch, "configs": options["configs"],
-                               "case_dir": case_dir, "remat": options.get("remat", False)}
+                               "case_dir": case_dir, "remat": options.get("remat", False),
+                               "count_flops": options.get("count_flops", True)}
                     request_path = os.path.join(case_dir, REQUEST_JSON)
                     with open(request_path, "w") as f:
                         json.dump(request, f)
@@ -412,6 +415,9 @@ def define_flags() -> None:
     flags.DEFINE_bool("compile_only", False, "SD 1.5 shapes: compile each step on one device from abstract "
                       "arrays (no weights, no steps) and report XLA's memory and FLOPs: for a machine without the "
                       "memory to run it")
+    flags.DEFINE_bool("count_flops", True, "count each JAX step's model FLOPs (XLA's cost analysis of the step "
+                      "lowered again, twice more with MLM: 35 s of tiny DreamBooth + MLM's row on a 2-core CPU, 30 s "
+                      "of SD 1.5 TI + MLM's --compile_only); --nocount_flops leaves FLOPs and FLOP/s out")
     flags.DEFINE_integer("peak_repeats", 10, "timed matmuls of the peak measurement (the median is the peak)")
     flags.DEFINE_bool("remat", False, "JAX: config.remat (recompute UNet blocks in the backward pass)")
     flags.DEFINE_bool("mlm_branch", False, "with MLM on, also time the MLM branch alone (its loss and gradient, "
@@ -477,7 +483,7 @@ def main(argv: list[str]) -> None:
                "torch_threads": f.torch_threads, "compile_only": f.compile_only, "remat": f.remat,
                "peak_repeats": f.peak_repeats, "attention": f.attention, "torch_device": f.torch_device,
                "timeout": f.timeout, "profile": f.profile, "diffusers_flax_python": f.diffusers_flax_python,
-               "mlm_branch": f.mlm_branch, "processes": f.processes,
+               "mlm_branch": f.mlm_branch, "processes": f.processes, "count_flops": f.count_flops,
                "log": lambda message: print(message, file=sys.stderr, flush=True)}
     if not os.path.isdir(f.configs):
         runtime.fail(f"--configs={f.configs}: not a folder; point it at the repository's configs/")

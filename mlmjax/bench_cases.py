@@ -412,6 +412,8 @@ def run_jax_case(request: dict, case_dir: str, partial: str | None = None) -> di
         state = _profile(row, os.path.join(request["profile"], os.path.basename(case_dir)), compiled, state,
                          device_batch, rng)
     _save_partial(partial, row)  # the timed steps survive a FLOP count cut short
+    if not request.get("count_flops", True):
+        return {**row, "flops": None}
     if jax.default_backend() != "cpu":  # no cost analysis of a lowered step: the driver counts on the CPU
         return row
     # Counted last (lowering an SD 1.5 step again takes a while): the state is the last step's, of the
@@ -531,7 +533,8 @@ def sharded_memory(request: dict) -> dict[str, Any]:
     state, batch, rng, jitted = _abstract_sd15_case(request, mesh, request["case_dir"])
     compiled = aot.compile_step(jitted, state, batch, rng)
     # The MLM variants lower the step twice more; at fsdp=8 only the memory is asked for.
-    counted = _flop_fields(state, batch, rng, request["mlm"] and devices == 1)
+    counted = (_flop_fields(state, batch, rng, request["mlm"] and devices == 1)
+               if request.get("count_flops", True) else {"flops": None})
     return {**counted, "method": request["method"], "mlm": request["mlm"], "size": "sd15",
             "compute_dtype": request["compute_dtype"], "remat": bool(request.get("remat", False)),
             "mesh": dict(zip(sharding.AXES, (1, devices, 1))), "devices": devices, **_batch_rows(batch),

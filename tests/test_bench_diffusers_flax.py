@@ -177,10 +177,12 @@ def test_with_the_exact_gelu_diffusers_flax_makes_mlmjaxs_first_step(tmp_path):
     one-device reference is the benchmark's default, run in the driver test above."""
     request = tmp_path / bench.REQUEST_JSON
     request.write_text(json.dumps({"method": "dreambooth", "mlm": True, "size": "tiny", "repeats": 1, "warmup": 1,
-                                   "compute_dtype": "float32", "configs": config_lib.CONFIGS_DIR}))
+                                   "compute_dtype": "float32", "configs": config_lib.CONFIGS_DIR,
+                                   "count_flops": False}))
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     jax_row, error = bench._worker(bench._jax_worker_args("jax", str(request)) + [f"--case={tmp_path}"], env)
     assert error is None, error
+    assert jax_row["flops"] is None  # not asked for: the step is not lowered again to count them
     split_env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2")
     flax_row, error = bench._worker(["-m", "mlmjax.bench_diffusers_flax", f"--case={tmp_path}", "--warmup=1",
                                      "--repeats=1", "--exact_gelu", "--cpu_devices=2"], split_env,
