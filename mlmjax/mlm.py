@@ -25,7 +25,6 @@ from typing import Iterable, Literal, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.stats
 
 IGNORE_INDEX = -100  # the label of positions without a target, as in PyTorch's cross_entropy
 
@@ -94,6 +93,8 @@ def masked_token_bound(maskable_probs: Sequence[float] | np.ndarray, batch_size:
     (CLIP's 75 tokens, 378). :func:`mask_tokens` with the same ``max_masked`` drops the rare excess,
     so the buffer of :func:`gather_masked` never overflows.
     """
+    import scipy.stats  # here, not at the top: it takes a second to import, and only this needs it
+
     lengths = np.asarray(maskable_probs, np.float64)
     if lengths.ndim != 1 or lengths.size == 0 or np.any(lengths < 0) or not np.isclose(lengths.sum(), 1.0):
         raise ValueError("maskable_probs must be a probability distribution over maskable-token counts")

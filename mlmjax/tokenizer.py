@@ -13,8 +13,10 @@ import gzip
 import importlib.resources
 import os
 import threading
+from typing import TYPE_CHECKING
 
-from transformers import CLIPTokenizer
+if TYPE_CHECKING:  # imported where a tokenizer is made: transformers takes seconds to import
+    from transformers import CLIPTokenizer
 
 MAX_LENGTH = 77
 _NUM_MERGES = 49152 - 256 - 2
@@ -60,6 +62,8 @@ def _vendored_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def vendored_tokenizer() -> CLIPTokenizer:
     """SD 1.x's tokenizer (pad = end-of-text), built from the vendored vocabulary."""
+    from transformers import CLIPTokenizer
+
     vocab, merges = _vendored_vocab()
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=MAX_LENGTH)
 
@@ -67,6 +71,8 @@ def vendored_tokenizer() -> CLIPTokenizer:
 def load_tokenizer(folder: str | None = None) -> CLIPTokenizer:
     """The tokenizer saved in ``folder`` if it holds one, else the vendored CLIP tokenizer."""
     if folder and any(os.path.isfile(os.path.join(folder, name)) for name in _TOKENIZER_FILES):
+        from transformers import CLIPTokenizer
+
         return CLIPTokenizer.from_pretrained(folder)
     return vendored_tokenizer()
 
