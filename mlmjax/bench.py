@@ -265,6 +265,7 @@ def run(options: dict) -> dict[str, Any]:
     xla_env = runtime.huge_page_environment(env) or env
 
     jax_envs, sharded_env = _jax_environments(xla_env, options)
+    count_flops = options.get("count_flops", True)
     peaks = {}
     dtype = options["compute_dtype"]
     for framework in [f for f in options["frameworks"] if f in ("jax", "torch")]:  # diffusers-Flax is JAX
@@ -294,7 +295,7 @@ def run(options: dict) -> dict[str, Any]:
                            "remat": options.get("remat", False), "attention": options.get("attention", "auto"),
                            "mlm_branch": options.get("mlm_branch", False),
                            "cpu_devices": _cpu_devices(options, method),
-                           "count_flops": options.get("count_flops", True),
+                           "count_flops": count_flops,
                            "profile": options.get("profile") and os.path.abspath(options["profile"])}
                 request_path = os.path.join(case_dir, REQUEST_JSON)
                 with open(request_path, "w") as f:
@@ -305,7 +306,7 @@ def run(options: dict) -> dict[str, Any]:
                                          lambda framework: env if framework == "torch" else jax_envs[method], log)
                 prepared, error = bench_report.pool_processes(measured["jax"])
                 if ("jax" in options["frameworks"] and prepared and prepared.get("flops") is None
-                        and options.get("count_flops", True)):
+                        and count_flops):
                     # Timed on an accelerator (or cut off before counting): the model's FLOPs from the CPU.
                     counted, flops_error = _worker(_jax_worker_args("flops", request_path),
                                                    dict(xla_env, JAX_PLATFORMS="cpu"), options.get("timeout"))
@@ -338,7 +339,7 @@ def run(options: dict) -> dict[str, Any]:
                     request = {"method": method, "mlm": mlm, "compute_dtype": dtype,
                                "per_device_batch": per_device_batch, "configs": options["configs"],
                                "case_dir": case_dir, "remat": options.get("remat", False),
-                               "count_flops": options.get("count_flops", True)}
+                               "count_flops": count_flops}
                     request_path = os.path.join(case_dir, REQUEST_JSON)
                     with open(request_path, "w") as f:
                         json.dump(request, f)
