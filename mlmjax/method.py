@@ -30,7 +30,7 @@ from mlmjax.models import unet as unet_lib
 from mlmjax.noise_schedule import NoiseSchedule
 from mlmjax.pretrained import Pretrained
 from mlmjax.prompts import prompt_set as prompts_lib
-from mlmjax.train_step import StepSpec, TrainState
+from mlmjax.train_step import Hyperparameters, StepSpec, TrainState
 
 
 
@@ -85,18 +85,24 @@ def _init_embedding(model: Pretrained, tokenizer, word: str, count: int) -> np.n
 
 
 def optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW at a constant rate (no warm-up), with optional global-norm clipping, as the baselines."""
+    """AdamW (no warm-up), with optional global-norm clipping, as the baselines; at unit rate, which the
+    step scales by the state's ``learning_rate`` (``config.learning_rate``, see :func:`hyperparameters`)."""
     o = config.optimizer
-    return _adamw(float(config.learning_rate), float(o.b1), float(o.b2), float(o.eps), float(o.weight_decay),
-                  float(o.grad_clip))
+    return _unit_rate_adamw(float(o.b1), float(o.b2), float(o.eps), float(o.weight_decay), float(o.grad_clip))
 
 
 @functools.lru_cache(maxsize=None)
-def _adamw(learning_rate: float, b1: float, b2: float, eps: float, weight_decay: float,
-           grad_clip: float) -> optax.GradientTransformation:
+def _unit_rate_adamw(b1: float, b2: float, eps: float, weight_decay: float,
+                     grad_clip: float) -> optax.GradientTransformation:
     # Cached: the transformation is a static part of the train state, compared by identity in jit's
     # cache, so equal hyperparameters must give the same object for runs to share one executable.
-    return optimizer_lib.adamw(learning_rate, b1, b2, eps, weight_decay, grad_clip)
+    return optimizer_lib.adamw(1.0, b1, b2, eps, weight_decay, grad_clip)
+
+
+def hyperparameters(config: ml_collections.ConfigDict) -> Hyperparameters:
+    """The config's learning rate, w_prior and λ, as the state's data (not part of the compiled step)."""
+    return Hyperparameters.of(learning_rate=float(config.learning_rate), prior_weight=float(config.prior.weight),
+                              mlm_weight=float(config.mlm.weight))
 
 
 def _check_trainable(label_tree: dict) -> None:
@@ -159,9 +165,9 @@ def build_state(config: ml_collections.ConfigDict, model: Pretrained, *, context
         prediction_type=schedule.prediction_type, scaling_factor=float(model.vae.config.scaling_factor),
         alphas_cumprod=tuple(float(a) for a in schedule.alphas_cumprod),
         layer_tokens=_layer_tokens(config, model.unet.config),
-        prior_weight=float(config.prior.weight), mlm_weight=float(config.mlm.weight),
-        max_masked=max_masked, learning_rate=float(config.learning_rate))
+        max_masked=max_masked)
     state = TrainState.create(params=trainable_params, frozen=frozen, spec=spec, tx=optimizer(config),
+                              hyperparams=hyperparameters(config),
                               mesh=mesh or sharding.make_mesh(sharding.DATA_PARALLEL))
     return MethodState(
         state=state, label_tree=label_tree, concept_ids=concept_ids,

@@ -2,10 +2,11 @@
 
 ``train_step(state, batch, rng) -> (state, metrics)`` is a pure function, so researchers can import it
 and ``jax.jit`` it in their own loops (``donate_argnums=0`` recycles the state's buffers). Everything
-that changes the traced computation (the modules, the loss weights, the XTI layer map) lives in the
-state's static :class:`StepSpec`; everything that is data (trainable and frozen parameters, optimizer
-state, step) is a pytree leaf, so the frozen weights are arguments, never constants folded into the
-executable.
+that changes the traced computation (the modules, whether the MLM branch exists, the XTI layer map)
+lives in the state's static :class:`StepSpec`; everything that is data (trainable and frozen
+parameters, optimizer state, step, and the :class:`Hyperparameters`: learning rate, w_prior, λ) is a
+pytree leaf. So the frozen weights are arguments, never constants folded into the executable, and
+runs that differ only in their rate or loss weights (the paper's λ sweeps) share one compiled step.
 
 Parameter tree (trainable and frozen together, split by the config's rules, see ``trainable.py``)::
 
@@ -50,17 +51,15 @@ class StepSpec:
 
     Attributes:
       text_encoder, unet: the Flax modules.
-      contextualizer: the frozen contextualizer; None when ``mlm_weight`` is 0.
+      contextualizer: the frozen contextualizer; None (no MLM branch in the trace) when λ is 0.
       prediction_type: ``epsilon`` or ``v_prediction`` (from the scheduler config).
       scaling_factor: the VAE's latent scaling factor.
       alphas_cumprod: the noise schedule as a tuple (static, exact).
       layer_tokens: XTI/P+: for each cross-attention layer, which concept token (0..C-1) stands in
         for the placeholder in that layer's context; None: one context for all layers.
-      prior_weight, mlm_weight: w_prior and λ. λ = 0 removes the MLM branch from the trace.
       max_masked: static bound on masked tokens per MLM batch (see ``mlm.masked_token_bound``).
       vocab_chunk: vocabulary columns per chunk of the MLM cross-entropy; None: the plain product
         (see ``mlm.vocabulary_cross_entropy``).
-      learning_rate: reported as the ``lr`` metric.
     """
     text_encoder: CLIPTextModel
     unet: UNet2DConditionModel
@@ -69,11 +68,8 @@ class StepSpec:
     scaling_factor: float
     alphas_cumprod: tuple[float, ...]
     layer_tokens: tuple[int, ...] | None = None
-    prior_weight: float = 0.0
-    mlm_weight: float = 0.0
     max_masked: int = 0
     vocab_chunk: int | None = mlm.DEFAULT_VOCAB_CHUNK
-    learning_rate: float = 0.0
 
     @property
     def noise_schedule(self) -> NoiseSchedule:
@@ -81,20 +77,53 @@ class StepSpec:
 
 
 @flax.struct.dataclass
+class Hyperparameters:
+    """The step's numbers that are data, not structure (float32 scalars): two runs that differ only in
+    these share one executable, in memory and in the persistent compilation cache.
+
+    Attributes:
+      learning_rate: scales the optimizer's unit-rate update (see :class:`TrainState`); the ``lr`` metric.
+      prior_weight: w_prior, the class images' loss weight (used where the batch has class images).
+      mlm_weight: λ, the MLM loss weight. λ = 0 is structure too: the spec then has no contextualizer and
+        the trace no MLM branch.
+    """
+    learning_rate: jax.Array
+    prior_weight: jax.Array
+    mlm_weight: jax.Array
+
+    @classmethod
+    def of(cls, *, learning_rate: float, prior_weight: float = 0.0, mlm_weight: float = 0.0) -> Hyperparameters:
+        return cls(*(np.float32(value) for value in (learning_rate, prior_weight, mlm_weight)))
+
+
+@flax.struct.dataclass
 class TrainState:
+    """Everything a step reads and writes.
+
+    ``tx`` makes the update at unit learning rate (``optax.adamw(1.0, ...)``; weight decay included), and
+    the step multiplies it by ``hyperparams.learning_rate``: optax's ``adamw(lr)`` is exactly its unit-rate
+    update times lr, and the rate stays data (see :class:`Hyperparameters`).
+    """
     step: jax.Array
     params: dict  # trainable
     frozen: dict
     opt_state: Any
+    hyperparams: Hyperparameters
     spec: StepSpec = flax.struct.field(pytree_node=False)
     tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
     @classmethod
     def create(cls, *, params: dict, frozen: dict, spec: StepSpec, tx: optax.GradientTransformation,
-               mesh: Mesh | None = None) -> TrainState:
+               hyperparams: Hyperparameters, mesh: Mesh | None = None) -> TrainState:
         """The state at step 0, created in its shardings on ``mesh`` (see :func:`sharding.initial_leaves`)."""
+        if (spec.contextualizer is None) != (float(hyperparams.mlm_weight) == 0):
+            raise ValueError(f"mlm_weight={float(hyperparams.mlm_weight):g} with "
+                             f"{'no' if spec.contextualizer is None else 'a'} contextualizer in the step's spec: "
+                             "λ > 0 needs one, λ = 0 none")
         step, params, frozen, opt_state = sharding.initial_leaves(params, frozen, tx.init, mesh)
-        return cls(step=step, params=params, frozen=frozen, opt_state=opt_state, spec=spec, tx=tx)
+        hyperparams = hyperparams if mesh is None else sharding.put(hyperparams, sharding.replicated(mesh))
+        return cls(step=step, params=params, frozen=frozen, opt_state=opt_state, hyperparams=hyperparams,
+                   spec=spec, tx=tx)
 
 
 def extra_embeddings(params: dict) -> jax.Array:
@@ -262,22 +291,24 @@ def _text_features(spec: StepSpec, params: dict, unet_ids: jax.Array,
     return tuple(_encode_together(spec, params, unet_ids, mlm_ids))
 
 
-def loss_fn(trainable_params: dict, frozen: dict, spec: StepSpec, batch: dict, rng: jax.Array):
+def loss_fn(trainable_params: dict, frozen: dict, spec: StepSpec, hyperparams: Hyperparameters, batch: dict,
+            rng: jax.Array):
     """The total loss and its parts; gradients are taken w.r.t. ``trainable_params`` only."""
     params = trainable.merge(trainable_params, frozen)
     rows = _unet_batch(spec, batch, rng)
-    mlm_ids, mlm_mask, mlm_labels = _mlm_rows(batch) if spec.mlm_weight else (None, None, None)
+    with_mlm = spec.contextualizer is not None
+    mlm_ids, mlm_mask, mlm_labels = _mlm_rows(batch) if with_mlm else (None, None, None)
     context, mlm_hidden = _text_features(spec, params, rows["input_ids"], mlm_ids)
     instance, prior = _diffusion_losses(spec, params, rows, context)
     metrics = {"loss_diff": instance.mean()}
     loss = metrics["loss_diff"]
     if prior.shape[0]:
         metrics["loss_prior"] = prior.mean()
-        loss = loss + spec.prior_weight * metrics["loss_prior"]
-    if spec.mlm_weight:
+        loss = loss + hyperparams.prior_weight * metrics["loss_prior"]
+    if with_mlm:
         metrics["loss_mlm"], metrics["mlm_accuracy"] = _mlm_loss_of_features(spec, params, mlm_hidden, mlm_mask,
                                                                              mlm_labels)
-        loss = loss + spec.mlm_weight * metrics["loss_mlm"]
+        loss = loss + hyperparams.mlm_weight * metrics["loss_mlm"]
     metrics["loss"] = loss
     return loss, metrics
 
@@ -290,9 +321,10 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainSta
     """
     step_rng = jax.random.fold_in(rng, state.step)
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.frozen, state.spec, batch, step_rng)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+        state.params, state.frozen, state.spec, state.hyperparams, batch, step_rng)
+    unit_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    rate = state.hyperparams.learning_rate  # one more element-wise product, fused into the update's own
+    params = optax.apply_updates(state.params, jax.tree.map(lambda u: rate * u, unit_updates))
     metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["lr"] = jnp.asarray(state.spec.learning_rate, jnp.float32)
+    metrics["lr"] = rate
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

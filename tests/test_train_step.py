@@ -1,6 +1,7 @@
 """The fused train step and the four baselines chosen by config, on the tiny model."""
 
 import dataclasses
+import functools
 import importlib.util
 import os
 import types
@@ -132,10 +133,11 @@ def test_one_text_encoder_pass_equals_a_pass_per_prompt_batch(pictures, contextu
         context = train_step_lib.text_context(state.spec, merged, rows["input_ids"])
         instance, prior = train_step_lib._diffusion_losses(state.spec, merged, rows, context)
         mlm = train_step_lib.mlm_loss(state.spec, merged, batch)[0]
-        return instance.mean() + state.spec.prior_weight * prior.mean() + state.spec.mlm_weight * mlm, mlm
+        weights = state.hyperparams
+        return instance.mean() + weights.prior_weight * prior.mean() + weights.mlm_weight * mlm, mlm
 
     def together(params, frozen, batch, rng):
-        loss, metrics = train_step_lib.loss_fn(params, frozen, state.spec, batch, rng)
+        loss, metrics = train_step_lib.loss_fn(params, frozen, state.spec, state.hyperparams, batch, rng)
         return loss, metrics["loss_mlm"]
 
     arguments = state.params, state.frozen, batch, rng
@@ -227,6 +229,49 @@ def test_each_method_lowers_its_loss_and_freezes_the_rest(name, pictures, contex
     for a, b in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(frozen_before)):
         np.testing.assert_array_equal(np.asarray(a), b)
     assert int(state.step) == 30
+
+
+def test_the_rate_and_loss_weights_are_data_so_a_sweep_compiles_one_step(pictures, contextualizer_dir):
+    """Runs that differ only in learning rate, w_prior or λ (the paper's λ sweeps) share one executable,
+    and each gets its own numbers: the loss weighs its parts by the state's weights, and the update
+    scales with the state's rate. Custom Diffusion has all three (class images and the MLM branch);
+    the program is test_each_method_lowers_its_loss_and_freezes_the_rest's, a persistent-cache hit."""
+    config = load_config("custom_diffusion")
+    setup = build(config, pictures, contextualizer_dir)
+    base = setup.state
+    assert float(base.hyperparams.learning_rate) == pytest.approx(config.learning_rate)
+    assert (float(base.hyperparams.prior_weight), float(base.hyperparams.mlm_weight)) == pytest.approx(
+        (config.prior.weight, config.mlm.weight))
+    step = jax.jit(train_step_lib.train_step)
+    batch, rng = setup.make_batch(0), jax.random.key(7)
+    placed = functools.partial(jax.device_put, device=base.hyperparams.learning_rate.sharding)  # as create() puts it
+    weights = {"base": base.hyperparams,
+               "rate": base.hyperparams.replace(learning_rate=placed(np.float32(3 * config.learning_rate))),
+               "losses": base.hyperparams.replace(prior_weight=placed(np.float32(0.25)),
+                                                  mlm_weight=placed(np.float32(0.5)))}
+    compiled_before = step._cache_size()  # jit's cache is the function's: earlier tests' steps are in it
+    runs = {name: step(base.replace(hyperparams=w), batch, rng) for name, w in weights.items()}
+    assert step._cache_size() - compiled_before <= 1  # 0 when test_each_method_... compiled it already
+
+    for name, (_, metrics) in runs.items():
+        w = weights[name]
+        parts = metrics["loss_diff"] + w.prior_weight * metrics["loss_prior"] + w.mlm_weight * metrics["loss_mlm"]
+        assert float(metrics["loss"]) == pytest.approx(float(parts), rel=1e-6)
+        assert float(metrics["lr"]) == pytest.approx(float(w.learning_rate))
+    # Same gradients, three times the rate: three times the move (AdamW's decay scales with it too), up
+    # to the float32 rounding of the moved parameters (a few units in their last place).
+    for start, once, thrice in zip(*(jax.tree.leaves(params) for params in (
+            base.params, runs["base"][0].params, runs["rate"][0].params))):
+        start, once, thrice = (np.asarray(x, np.float64) for x in (start, once, thrice))
+        assert np.abs(thrice - start).max() > 0
+        largest = np.maximum(np.abs(start), np.maximum(np.abs(once), np.abs(thrice)))
+        ulp = np.spacing(largest.astype(np.float32)).astype(np.float64)
+        np.testing.assert_array_less(np.abs((thrice - start) - 3 * (once - start)), 4 * ulp + 1e-12)
+    # Other weights, other gradients (here w_prior 1 → 0.25 dominates: 6.9 → 4.0).
+    assert float(runs["losses"][1]["grad_norm"]) < 0.8 * float(runs["base"][1]["grad_norm"])
+    with pytest.raises(ValueError, match="mlm_weight=0 with a contextualizer"):
+        train_step_lib.TrainState.create(params=base.params, frozen=base.frozen, spec=base.spec, tx=base.tx,
+                                         hyperparams=base.hyperparams.replace(mlm_weight=np.float32(0)))
 
 
 def test_batches_are_pure_in_the_step_and_safe_to_make_in_threads(pictures, contextualizer_dir):

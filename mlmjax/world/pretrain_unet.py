@@ -56,8 +56,12 @@ def train(model: Pretrained, corpus: Corpus, moments: tuple[np.ndarray, np.ndarr
               "concept": {"embeddings": np.zeros((1, width), np.float32)}}  # unused: no prompt has it
     trained, frozen = trainable.split(params, trainable.labels(params, RULES))
 
+    # No class images and no MLM branch: the loss is the diffusion loss alone, whatever the weights; the
+    # rate is fitting's schedule.
+    unused = train_step_lib.Hyperparameters.of(learning_rate=0.0)
+
     def loss(p, batch, rng):
-        return train_step_lib.loss_fn(p, frozen, spec, batch, rng)
+        return train_step_lib.loss_fn(p, frozen, spec, unused, batch, rng)
 
     schedule = fitting.Schedule(options.steps, options.learning_rate, warmup=200, weight_decay=1e-2)
     averaged = fitting.fit(loss, trained, schedule, batches(corpus, moments, model.tokenizer, options), run_loop,
