@@ -252,6 +252,9 @@ def test_the_rate_and_loss_weights_are_data_so_a_sweep_compiles_one_step(picture
     compiled_before = step._cache_size()  # jit's cache is the function's: earlier tests' steps are in it
     runs = {name: step(base.replace(hyperparams=w), batch, rng) for name, w in weights.items()}
     assert step._cache_size() - compiled_before <= 1  # 0 when test_each_method_... compiled it already
+    # The same program text: the same persistent-cache key, so separate processes (launch/sweep.py) share it.
+    texts = {name: step.lower(base.replace(hyperparams=w), batch, rng).as_text() for name, w in weights.items()}
+    assert texts["base"] == texts["rate"] == texts["losses"]
 
     for name, (_, metrics) in runs.items():
         w = weights[name]
