@@ -15,6 +15,8 @@ r"""Ablations as a grid of config overrides: one training run per combination, t
   ``--launcher`` (``LAUNCHER CONFIG WORKDIR --config.KEY=VALUE ...``, the signature of
   ``launch/local.sh``, ``launch/tpu_pod.sh`` and ``sbatch --wait launch/gpu_multinode.sh``). A run's
   output goes to the terminal (with ``--jobs 1``) and to ``ROOT/logs/<name>.log``.
+* Runs that differ only in the learning rate, ``prior.weight`` (> 0), ``mlm.weight`` (> 0) or ``seed`` compile
+  one step between them: the first run's executable is a persistent-cache hit for the others.
 * Resumable: rerunning the sweep skips the runs that finished (their workdir's ``config.json`` agrees
   with the requested config and ``metrics.jsonl`` reached ``max_steps``) and reruns the others, which
   resume from their last checkpoint (``mlmjax.train``'s own behaviour). A failing run is reported and
