@@ -121,7 +121,7 @@ class TrainState:
                              f"{'no' if spec.contextualizer is None else 'a'} contextualizer in the step's spec: "
                              "λ > 0 needs one, λ = 0 none")
         step, params, frozen, opt_state = sharding.initial_leaves(params, frozen, tx.init, mesh)
-        hyperparams = hyperparams if mesh is None else sharding.put(hyperparams, sharding.replicated(mesh))
+        hyperparams = hyperparams if mesh is None else sharding.shard_state(hyperparams, mesh)  # scalars: replicated
         return cls(step=step, params=params, frozen=frozen, opt_state=opt_state, hyperparams=hyperparams,
                    spec=spec, tx=tx)
 
