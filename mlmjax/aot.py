@@ -5,14 +5,16 @@
 can be sized without allocating its weights) and returns the executable with its compile time, its
 FLOPs and its per-device memory: numbers a run logs once at start-up and a benchmark reports.
 
-On a CPU it also picks which kernels run a large step (:func:`cpu_compiler_options`), and has a small
+On a CPU it also picks which kernels run a step (:func:`cpu_compiler_options`), and has a small
 step's temporaries reused from the heap (:func:`mlmjax.runtime.reuse_host_memory`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -25,14 +27,23 @@ _MEMORY_FIELDS = {"argument": "argument_size_in_bytes", "output": "output_size_i
                   "temp": "temp_size_in_bytes", "alias": "alias_size_in_bytes",
                   "generated_code": "generated_code_size_in_bytes"}
 
-# jaxlib 0.10's CPU compiler hands convolutions, products and reductions to YNNPACK. That pays on small
-# operations, whose cost is mostly the call, and loses on large ones: the SD 1.5 TI step (batch 4, 512
-# px) ran in 24.1 s with XLA's own kernels against 28.4 s with YNNPACK's (2-core AMD EPYC; 3 steps
+# jaxlib 0.10's CPU compiler hands convolutions, products and reductions to YNNPACK. That pays on some
+# small operations, whose cost is mostly the call, and loses on large ones: the SD 1.5 TI step (batch 4,
+# 512 px) ran in 24.1 s with XLA's own kernels against 28.4 s with YNNPACK's (2-core AMD EPYC; 3 steps
 # each, compiled side by side; on a 2-core Xeon its UNet forward took 6.3 against 8.1 s) and kept less
-# in temporaries, where the tiny TI + MLM step ran in 43.7 ms against 41.3. The choice follows the
-# step's size: the tiny steps count 1-5 GFLOP, SD 1.5's thousands.
+# in temporaries. The choice follows the step's size (the tiny steps count 1-5 GFLOP, SD 1.5's
+# thousands) and, below it, what its convolutions compute. The tiny UNet's 3x3 convolutions alone
+# (batch 4, 4x4 to 16x16, 32-128 features) ran at 84-104 GFLOP/s on XLA's kernels against 28-69 on
+# YNNPACK's, and the tiny steps whose convolution kernels are frozen ran faster on XLA's (one process,
+# the variants compiled side by side and run in turns, 48 steps each; one CPU device): TI 47.8 -> 36.0
+# ms, TI + MLM 122.8 -> 116.4, Custom Diffusion 112.9 -> 66.5 (two devices: TI 33.4 -> 31.4, Custom
+# Diffusion 54.5 -> 54.5). A kernel's gradient is itself a convolution, of the input with the incoming
+# gradient, and there YNNPACK's won: the tiny DreamBooth step took 57.2 ms on YNNPACK's against 62.2.
 _YNN_OPTION = "xla_cpu_experimental_ynn_fusion_type"
 _XLA_KERNELS_ABOVE_FLOPS = 1e11
+# The input's dimension labels of a convolution in StableHLO's text, "dim_numbers = [b, 0, 1, f]x...": a
+# kernel's gradient convolves the input with the batch as its features, so its labels do not start with b.
+_CONVOLUTION_INPUT_LABELS = re.compile(r"stablehlo\.convolution[^\n]*?dim_numbers = \[(\w+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,19 +118,28 @@ def _memory(executable: Any) -> dict[str, int] | None:
 
 
 def cpu_compiler_options(lower: Callable[[], jax.stages.Lowered]) -> dict[str, str]:
-    """XLA options for compiling what ``lower()`` lowers: on a CPU, a program of more than 1e11 FLOPs
-    (XLA's count of the lowered program) runs on XLA's own kernels instead of YNNPACK's; nothing
-    otherwise, nor where ``XLA_FLAGS`` sets ``--xla_cpu_experimental_ynn_fusion_type`` itself (the
-    user's choice stands). ``lower`` is called only where there is a choice to make."""
-    return _options_for(lambda: flops(lower()))
+    """XLA options for compiling what ``lower()`` lowers: on a CPU, XLA's own kernels instead of YNNPACK's
+    for a program of more than 1e11 FLOPs (XLA's count of the lowered program), or for one with
+    convolutions none of which makes a kernel's gradient (a frozen UNet's step, a sampler); nothing
+    otherwise, nor where ``XLA_FLAGS`` sets ``--xla_cpu_experimental_ynn_fusion_type`` itself (the user's
+    choice stands). ``lower`` is called once, and only where there is a choice to make."""
+    lowered = functools.cache(lower)
+    return _options_for(lowered, lambda: flops(lowered()))
 
 
-def _options_for(count: Callable[[], float | None]) -> dict[str, str]:
-    """:func:`cpu_compiler_options` from the lowered program's FLOP count, asked for only where needed."""
+def _trains_no_convolution_kernel(lowered: jax.stages.Lowered) -> bool:
+    """Whether the lowered program has convolutions and none of them makes a kernel's gradient."""
+    labels = _CONVOLUTION_INPUT_LABELS.findall(lowered.as_text())
+    return bool(labels) and all(label == "b" for label in labels)
+
+
+def _options_for(lowered: Callable[[], jax.stages.Lowered], count: Callable[[], float | None]) -> dict[str, str]:
+    """:func:`cpu_compiler_options` from the lowered program and its FLOP count, asked for only where needed."""
     if jax.default_backend() != "cpu" or _YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
         return {}
     flop_count = count()
-    return {_YNN_OPTION: ""} if flop_count is not None and flop_count > _XLA_KERNELS_ABOVE_FLOPS else {}
+    large = flop_count is not None and flop_count > _XLA_KERNELS_ABOVE_FLOPS
+    return {_YNN_OPTION: ""} if large or _trains_no_convolution_kernel(lowered()) else {}
 
 
 def compile_step(jitted: Any, *args, **kwargs) -> Compiled:
@@ -134,7 +154,7 @@ def compile_step(jitted: Any, *args, **kwargs) -> Compiled:
     start = time.perf_counter()
     lowered = jitted.lower(*args, **kwargs)
     lowered_flops = flops(lowered)
-    options = _options_for(lambda: lowered_flops)
+    options = _options_for(lambda: lowered, lambda: lowered_flops)
     executable = lowered.compile(options or None)
     seconds = time.perf_counter() - start
     memory = _memory(executable)

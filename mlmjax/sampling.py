@@ -217,7 +217,7 @@ _CHOSEN_OPTIONS: dict[tuple, dict[str, str]] = {}
 
 def _chosen_options(args: tuple, static: dict) -> dict[str, str]:
     """:func:`mlmjax.aot.cpu_compiler_options` for the sampler at these shapes, decided once per shape:
-    on a CPU, Stable Diffusion's sampler runs on XLA's own kernels, the tiny model's on XLA's default."""
+    on a CPU a sampler runs on XLA's own kernels (its convolutions make no kernel's gradient)."""
     key = (tuple(static.items()), tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves(args)))
     if key not in _CHOSEN_OPTIONS:
         _CHOSEN_OPTIONS[key] = aot.cpu_compiler_options(lambda: _jitted_sampler(()).lower(*args, **static))

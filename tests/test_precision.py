@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from helpers import relative_error
 from mlmjax import aot
 from mlmjax import train_step as train_step_lib
+from mlmjax.models import lean_ops
 import test_train_step
 from test_train_step import TRAIN_STEP_LEARNING_RATES, build, load_config
 
@@ -53,6 +54,32 @@ def test_a_large_cpu_program_is_compiled_with_xlas_own_kernels_unless_xla_flags_
     # The user's XLA_FLAGS (read when the backend started) stand: nothing is passed over them.
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE")
     assert aot.compile_step(jax.jit(jnp.matmul), *large).compiler_options == {}
+
+
+def test_a_small_cpu_program_whose_convolution_kernels_are_frozen_takes_xlas_own_kernels(monkeypatch):
+    """A frozen UNet's convolutions (the forward pass and the input's gradient) run on XLA's own CPU
+    kernels; a program that makes a kernel's gradient (DreamBooth's) keeps XLA's default. Either way the
+    values are the convolution's."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+
+    def loss(x, kernel):
+        y = lean_ops.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(jnp.sin(y))
+
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 16, 16)) / 12
+    own = {"xla_cpu_experimental_ynn_fusion_type": ""}
+    cases = {"forward": (loss, own), "input gradient": (jax.grad(loss), own),
+             "kernel gradient": (jax.grad(loss, argnums=1), {}), "both": (jax.grad(loss, argnums=(0, 1)), {})}
+    for name, (function, options) in cases.items():
+        compiled = aot.compile_step(jax.jit(function), x, kernel)
+        assert compiled.compiler_options == options, name
+        with jax.default_matmul_precision("highest"):
+            expected = function(x, kernel)
+        for got, want in zip(jax.tree.leaves(compiled(x, kernel)), jax.tree.leaves(expected)):
+            assert relative_error(got, want) < 1e-5, name
+    # A program without convolutions is left to XLA's default (the small matmul above).
+    assert aot.compile_step(jax.jit(lambda a: jnp.sum(a @ a)), kernel[0, 0]).compiler_options == {}
 
 
 # ---------------------------------------------------------------------------------------------------
