@@ -28,7 +28,7 @@ import numpy as np
 from mlmjax import files
 from mlmjax import tokenizer as tokenizer_lib
 from mlmjax import weights
-from mlmjax.models import clip_text, unet, vae
+from mlmjax.models import clip_text, shapes, unet, vae
 
 WeightsError = weights.WeightsError
 
@@ -128,8 +128,7 @@ def init_component(component: str, module, seed: int) -> dict:
 
 def abstract_params(component: str, module) -> dict:
     """The parameter tree of ``module`` as shapes only (no memory, no compute)."""
-    init = _COMPONENTS[component].module.init_params
-    return jax.eval_shape(lambda rng: init(module, rng), jax.random.key(0))
+    return shapes.abstract_params(_COMPONENTS[component].module.init_params, module)
 
 
 def load_component(folder: str, component: str, dtype=jnp.float32):

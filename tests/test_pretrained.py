@@ -11,7 +11,9 @@ import pytest
 import safetensors.numpy
 
 import mlmjax
+from mlmjax import pretrained as pretrained_lib
 from mlmjax import tiny
+from mlmjax.models import clip_text, shapes
 from mlmjax import tokenizer as tokenizer_lib
 from helpers import relative_error
 import torch_reference
@@ -88,6 +90,42 @@ def test_tiny_default_initialises_and_round_trips(tmp_path):
     np.testing.assert_array_equal(_text_unet(model, model.params, ids, latents, timesteps),
                                   _text_unet(loaded, loaded.params, ids, latents, timesteps))
     assert loaded.unet.config.to_dict()["block_out_channels"] == tiny.UNET_CONFIG["block_out_channels"]
+
+
+def test_a_modules_parameter_shapes_are_traced_once_and_each_caller_gets_its_own_tree():
+    """Loading a model again in the same process does not trace its initialisation again; a module that
+    differs in its configuration, or that cannot be hashed, is traced for itself."""
+    traced = []
+
+    def init_params(module, rng):
+        traced.append(module)
+        return clip_text.init_params(module, rng)
+
+    config = dict(tiny.TEXT_ENCODER_CONFIG)
+    module = pretrained_lib.build_component("text_encoder", config)
+    first = shapes.abstract_params(init_params, module)
+    first["embeddings"] = "edited by its caller"
+    again = shapes.abstract_params(init_params, pretrained_lib.build_component("text_encoder", config))
+    assert len(traced) == 1 and again["embeddings"] != "edited by its caller"
+    assert jax.tree.structure(again) == jax.tree.structure(
+        jax.eval_shape(lambda rng: clip_text.init_params(module, rng), jax.random.key(0)))
+    leaves = jax.tree.leaves(again)
+    assert leaves and all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
+    wider = pretrained_lib.build_component("text_encoder", dict(config, hidden_size=2 * config["hidden_size"]))
+    assert shapes.abstract_params(init_params, wider)["final_layer_norm"]["scale"].shape == (
+        2 * config["hidden_size"],)
+    assert len(traced) == 2
+
+    class Unhashable:  # a module whose fields cannot be hashed is traced at every call
+        __hash__ = None
+
+    def init_unhashable(module, rng):
+        traced.append(module)
+        return {"w": jnp.zeros((2, 3))}
+
+    for _ in range(2):
+        assert shapes.abstract_params(init_unhashable, Unhashable())["w"].shape == (2, 3)
+    assert len(traced) == 4
 
 
 def test_fp16_sharded_and_prefixed_checkpoints_load(torch_folder, tmp_path):

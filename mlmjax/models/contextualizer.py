@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mlmjax import weights
+from mlmjax.models import shapes
 from mlmjax.models.attention import dot_product_attention
 
 CONFIG_NAME = "config.json"
@@ -223,7 +224,7 @@ def init_params(module: Contextualizer, rng: jax.Array) -> dict:
 
 def abstract_params(module: Contextualizer) -> dict:
     """The parameter tree as shapes only."""
-    return jax.eval_shape(functools.partial(init_params, module), jax.random.key(0))
+    return shapes.abstract_params(init_params, module)
 
 
 # ---------------------------------------------------------------------------------------------------

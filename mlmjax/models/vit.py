@@ -42,7 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mlmjax.models import clip_text
+from mlmjax.models import clip_text, shapes
 from mlmjax.models.attention import dot_product_attention
 from mlmjax.weights import WeightsError
 
@@ -455,4 +455,4 @@ def init_params(module: VisionTransformer | CLIPVisionModelWithProjection | CLIP
 
 def abstract_params(module: VisionTransformer | CLIPVisionModelWithProjection | CLIPModel) -> dict:
     """The parameter tree as ``jax.ShapeDtypeStruct`` leaves: no memory, no compute."""
-    return jax.eval_shape(lambda rng: init_params(module, rng), jax.random.key(0))
+    return shapes.abstract_params(init_params, module)
