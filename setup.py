@@ -29,7 +29,6 @@ setup(
         "orbax-checkpoint>=0.12.8",
         "ml_collections>=1.1.0",
         "numpy",
-        "scipy",
         "safetensors>=0.4",
         "pillow",
         "grain>=0.2.18",

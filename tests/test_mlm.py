@@ -1,7 +1,10 @@
 """Masking (as properties over many draws, with the real CLIP tokenizer) and the MLM losses (by hand)."""
 
+import fractions
 import itertools
 import math
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +139,19 @@ def test_masked_token_bound_is_the_binomial_quantile():
     assert mlm.masked_token_bound(only(75), 25, 0.15) == 378  # 25 prompts of CLIP's 75 tokens
     assert mlm.masked_token_bound(only(75), 5, 0.15, copies=5) == 378  # XTI: copies are more prompts
     assert mlm.masked_token_bound(only(10), 1, 1e-12) == 1
+    assert mlm.masked_token_bound(only(10), 3, 1.0) == 30 and mlm.masked_token_bound(only(10), 3, 0.0) == 1
+    # 1,200 tokens (XTI's 16 copies of 75): the law in float64 from log-gammas, against exact fractions.
+    exact = [math.comb(1200, k) * fractions.Fraction(3, 20) ** k * fractions.Fraction(17, 20) ** (1200 - k)
+             for k in range(1201)]
+    np.testing.assert_allclose(mlm._binomial_pmf(1200, 0.15), [float(x) for x in exact], rtol=1e-10, atol=1e-300)
+
+
+def test_the_bound_needs_no_scipy():
+    """scipy.stats took 1.4 s of every training run's start-up to import, for one binomial law."""
+    code = ("import sys; from mlmjax import mlm; import numpy as np; "
+            "print(mlm.masked_token_bound(np.eye(76)[75], 25, 0.15), 'scipy.stats' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["378", "False"]
 
 
 def test_masked_token_bound_of_a_mixture_of_prompt_lengths():

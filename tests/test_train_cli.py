@@ -60,8 +60,9 @@ def test_cpu_devices_split_the_cpu_for_a_data_parallel_step_with_the_same_losses
 
 
 def test_the_cli_starts_without_the_libraries_it_needs_only_later():
-    """A mistyped flag is answered before transformers (the tokenizer's) or scipy (the MLM bound's) loads:
-    they took 3 s of the 5.7 s that importing mlmjax.train took (a busy 2-core box, session 31)."""
+    """A mistyped flag is answered before transformers (the tokenizer's) loads: it and scipy.stats (which
+    the MLM bound no longer needs, test_mlm) took 3 s of the 5.7 s that importing mlmjax.train took (a
+    busy 2-core box, session 31)."""
     heavy = ("transformers", "scipy.stats", "torch", "tensorflow", "diffusers")
     code = f"import sys, mlmjax.train; print([m for m in {heavy!r} if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
