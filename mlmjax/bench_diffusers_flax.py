@@ -129,9 +129,10 @@ def _torch_state_dict(path: str):
 
 
 class _ShapesOnly:
-    """A diffusers Flax model whose ``init_weights`` gives shapes only. diffusers' PyTorch converter draws
-    a whole random model just to read its parameters' names and shapes; eagerly, one compile per tensor,
-    which took 44 s of the tiny references' set-up in a test session."""
+    """A diffusers Flax model whose ``init_weights`` gives shapes only: diffusers' PyTorch converter draws
+    a whole random model, eagerly (a compile per tensor shape), just to read its parameters' names and
+    shapes. (transformers' Flax CLIP cannot skip its draw: with ``from_pt`` its converter reads
+    ``model.params``, which ``_do_init=False`` forbids.)"""
 
     def __init__(self, model):
         self.model = model
