@@ -100,8 +100,7 @@ def masked_token_bound(maskable_probs: Sequence[float] | np.ndarray, batch_size:
     # One prompt's masked tokens: a mixture over its length of Binomial(copies · length, p).
     per_prompt = np.zeros(copies * (lengths.size - 1) + 1)
     for n in np.flatnonzero(lengths):
-        k = np.arange(copies * n + 1)
-        per_prompt[:k.size] += lengths[n] * _binomial_pmf(copies * n, mask_prob)
+        per_prompt[:copies * n + 1] += lengths[n] * _binomial_pmf(copies * n, mask_prob)
     total = np.ones(1)
     for _ in range(batch_size):
         total = np.convolve(total, per_prompt)
