@@ -133,13 +133,22 @@ def _trains_no_convolution_kernel(lowered: jax.stages.Lowered) -> bool:
     return bool(labels) and all(label == "b" for label in labels)
 
 
+def xla_kernel_options() -> dict[str, str]:
+    """The XLA options for XLA's own CPU kernels instead of YNNPACK's, what the SD 1.5 steps get; none
+    off a CPU or where ``XLA_FLAGS`` sets ``--xla_cpu_experimental_ynn_fusion_type`` itself."""
+    if jax.default_backend() != "cpu" or _YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
+        return {}
+    return {_YNN_OPTION: ""}
+
+
 def _options_for(lowered: Callable[[], jax.stages.Lowered], count: Callable[[], float | None]) -> dict[str, str]:
     """:func:`cpu_compiler_options` from the lowered program and its FLOP count, asked for only where needed."""
-    if jax.default_backend() != "cpu" or _YNN_OPTION in os.environ.get("XLA_FLAGS", ""):
+    options = xla_kernel_options()
+    if not options:
         return {}
     flop_count = count()
     large = flop_count is not None and flop_count > _XLA_KERNELS_ABOVE_FLOPS
-    return {_YNN_OPTION: ""} if large or _trains_no_convolution_kernel(lowered()) else {}
+    return options if large or _trains_no_convolution_kernel(lowered()) else {}
 
 
 def compile_step(jitted: Any, *args, **kwargs) -> Compiled:

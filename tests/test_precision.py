@@ -51,9 +51,11 @@ def test_a_large_cpu_program_is_compiled_with_xlas_own_kernels_unless_xla_flags_
     chosen = aot.compile_step(jax.jit(jnp.matmul), *large)
     assert chosen.compiler_options == {"xla_cpu_experimental_ynn_fusion_type": ""}
     assert _ynn_fusions(chosen) == 0 and "XLA's own CPU kernels" in chosen.describe()
+    assert aot.xla_kernel_options() == chosen.compiler_options  # what bench_layers compiles its layers with
     # The user's XLA_FLAGS (read when the backend started) stand: nothing is passed over them.
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE")
     assert aot.compile_step(jax.jit(jnp.matmul), *large).compiler_options == {}
+    assert aot.xla_kernel_options() == {}
 
 
 def test_a_small_cpu_program_whose_convolution_kernels_are_frozen_takes_xlas_own_kernels(monkeypatch):
