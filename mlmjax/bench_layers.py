@@ -111,22 +111,28 @@ def _inputs(layer: Layer) -> tuple[str, ...]:
     return ("q", "k", "v") if layer.kind == "attention" else ("x",)
 
 
-def _jax_function(layer: Layer, arrays: dict[str, np.ndarray]) -> Callable:
-    """The layer in mlmjax, from its inputs (channels last) to its output; the weights are constants."""
+def _weights(layer: Layer, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: value for name, value in arrays.items() if name not in _inputs(layer)}
+
+
+def _jax_function(layer: Layer) -> Callable:
+    """The layer in mlmjax: ``f(weights, *inputs)`` (inputs channels last) → its output. The weights are
+    arguments, as in a train step, so that XLA cannot fold them into the program."""
     import jax.numpy as jnp
 
     from mlmjax.models import lean_ops, layers
     from mlmjax.models.attention import dot_product_attention
 
     if layer.kind == "attention":
-        return dot_product_attention
-    params = {"params": {k: jnp.asarray(v) for k, v in arrays.items() if k not in _inputs(layer)}}
+        return lambda weights, q, k, v: dot_product_attention(q, k, v)
     if layer.kind == "conv":
-        return lambda x: layers.conv(layer.features, dtype=jnp.float32).apply(params, x)
-    if layer.kind == "dense":
-        return lambda x: layers.dense(layer.out_features, dtype=jnp.float32).apply(params, x)
-    norm = layers.group_norm(layer.groups, 1e-5, dtype=jnp.float32, name="norm")
-    return lambda x: lean_ops.silu(norm.apply(params, x))
+        module = layers.conv(layer.features, dtype=jnp.float32)
+    elif layer.kind == "dense":
+        module = layers.dense(layer.out_features, dtype=jnp.float32)
+    else:
+        norm = layers.group_norm(layer.groups, 1e-5, dtype=jnp.float32, name="norm")
+        return lambda weights, x: lean_ops.silu(norm.apply({"params": weights}, x))
+    return lambda weights, x: module.apply({"params": weights}, x)
 
 
 def _torch_function(layer: Layer, arrays: dict[str, np.ndarray]) -> tuple[Callable, Callable[[np.ndarray], Any]]:
@@ -167,15 +173,16 @@ def _timed(call: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
     return bench_torch.time_steps(step, warmup=warmup, repeats=repeats)[1]
 
 
-def _time_jax(function: Callable, inputs: list[np.ndarray], warmup: int, repeats: int) -> dict[str, Any]:
+def _time_jax(function: Callable, weights: dict[str, np.ndarray], inputs: list[np.ndarray], warmup: int,
+              repeats: int) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
     from mlmjax import aot
 
-    args = [jnp.asarray(a) for a in inputs]
-    # The inputs' gradient of the output's squared sum, as PyTorch's side takes it.
-    gradient = jax.grad(lambda *xs: jnp.sum(function(*xs) ** 2), argnums=tuple(range(len(args))))
+    args = [{name: jnp.asarray(value) for name, value in weights.items()}, *(jnp.asarray(a) for a in inputs)]
+    # The inputs' gradient of the output's squared sum, as PyTorch's side takes it; the weights frozen.
+    gradient = jax.grad(lambda *xs: jnp.sum(function(*xs) ** 2), argnums=tuple(range(1, len(args))))
     forward = jax.jit(function).lower(*args).compile(aot.xla_kernel_options() or None)
     backward = jax.jit(gradient).lower(*args).compile(aot.xla_kernel_options() or None)
     out = np.asarray(forward(*args))
@@ -205,7 +212,7 @@ def measure(layer: Layer, *, batch: int, warmup: int, repeats: int, seed: int = 
     gradient), their medians and ratios, FLOPs and the outputs' difference."""
     arrays = _arrays(layer, batch, seed)
     inputs = [arrays[name] for name in _inputs(layer)]
-    jax_side = _time_jax(_jax_function(layer, arrays), inputs, warmup, repeats)
+    jax_side = _time_jax(_jax_function(layer), _weights(layer, arrays), inputs, warmup, repeats)
     torch_function, to_torch = _torch_function(layer, arrays)
     torch_side = _time_torch(torch_function, [to_torch(a) for a in inputs], warmup, repeats)
     expected = _channels_last(layer, torch_side.pop("output"))

@@ -33,18 +33,22 @@ def test_each_layer_is_the_same_computation_in_both_frameworks():
     assert "| self_attention_64 | 4096×4096 tokens, 1×8 | 1.1 |" in "\n".join(table)
 
 
-def test_the_layers_gradient_is_the_same_in_both_frameworks():
+@pytest.mark.parametrize("name", ["self_attention_64", "conv_16", "group_norm_silu_16"])
+def test_the_layers_gradient_is_the_same_in_both_frameworks(name):
     """The timed gradients are of the same function: the JAX and PyTorch input gradients agree (the
-    chunked attention's FlashAttention backward pass against PyTorch's autograd)."""
+    chunked attention's FlashAttention backward pass, the convolution's lean input gradient, against
+    PyTorch's autograd)."""
     import jax
     import jax.numpy as jnp
     import torch
 
-    (layer,) = bench_layers.select("tiny", ["self_attention_64"])
+    (layer,) = bench_layers.select("tiny", [name])
     arrays = bench_layers._arrays(layer, 1, seed=3)
-    inputs = [arrays[name] for name in ("q", "k", "v")]
-    function = bench_layers._jax_function(layer, arrays)
-    expected = jax.grad(lambda *xs: jnp.sum(function(*xs) ** 2), argnums=(0, 1, 2))(*map(jnp.asarray, inputs))
+    inputs = [arrays[name] for name in bench_layers._inputs(layer)]
+    weights = {k: jnp.asarray(v) for k, v in bench_layers._weights(layer, arrays).items()}
+    function = bench_layers._jax_function(layer)
+    argnums = tuple(range(len(inputs)))
+    expected = jax.grad(lambda *xs: jnp.sum(function(weights, *xs) ** 2), argnums)(*map(jnp.asarray, inputs))
     torch_function, to_torch = bench_layers._torch_function(layer, arrays)
     leaves = [to_torch(a).requires_grad_(True) for a in inputs]
     got = torch.autograd.grad((torch_function(*leaves) ** 2).sum(), leaves)
