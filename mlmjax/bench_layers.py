@@ -183,8 +183,8 @@ def _time_jax(function: Callable, weights: dict[str, np.ndarray], inputs: list[n
     args = [{name: jnp.asarray(value) for name, value in weights.items()}, *(jnp.asarray(a) for a in inputs)]
     # The inputs' gradient of the output's squared sum, as PyTorch's side takes it; the weights frozen.
     gradient = jax.grad(lambda *xs: jnp.sum(function(*xs) ** 2), argnums=tuple(range(1, len(args))))
-    forward = jax.jit(function).lower(*args).compile(aot.xla_kernel_options() or None)
-    backward = jax.jit(gradient).lower(*args).compile(aot.xla_kernel_options() or None)
+    options = aot.xla_kernel_options() or None
+    forward, backward = (jax.jit(f).lower(*args).compile(options) for f in (function, gradient))
     out = np.asarray(forward(*args))
     return {"output": out,
             "forward_s": _timed(lambda: jax.block_until_ready(forward(*args)), warmup, repeats),
